@@ -1,0 +1,528 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+// Package driver is the Nomad side of nomad-driver-nixos: config, fingerprint, task lifecycle,
+// recovery, stats and events. The machines themselves are run by package nspawn.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/consul-template/signals"
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/nomad/client/lib/cpustats"
+	"github.com/hashicorp/nomad/drivers/shared/eventer"
+	"github.com/hashicorp/nomad/plugins/base"
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/hashicorp/nomad/plugins/drivers/fsisolation"
+	"github.com/hashicorp/nomad/plugins/shared/hclspec"
+
+	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
+)
+
+const (
+	// PluginName is what jobs put in `driver`.
+	PluginName = "nixos-nspawn"
+	// PluginVersion is reported to Nomad and as a node attribute.
+	PluginVersion = "0.1.0"
+
+	fingerprintPeriod = 30 * time.Second
+	// registerTimeout bounds how long StartTask waits for nspawn to register the machine.
+	registerTimeout = 30 * time.Second
+	// stopTimeout is systemd's bound on stopping a unit whose start timed out.
+	stopTimeout = 30 * time.Second
+	// envFileName is the task environment, in EnvironmentFile= format, in the secrets directory.
+	envFileName = "nomad.env"
+)
+
+var pluginInfo = &base.PluginInfoResponse{
+	Type:              base.PluginTypeDriver,
+	PluginApiVersions: []string{drivers.ApiVersion010},
+	PluginVersion:     PluginVersion,
+	Name:              PluginName,
+}
+
+var capabilities = &drivers.Capabilities{
+	SendSignals: true,
+	Exec:        true,
+	// The machine gets Nomad's alloc, local and secrets directories bound in, like docker does.
+	FSIsolation:       fsisolation.Image,
+	NetIsolationModes: []drivers.NetIsolationMode{drivers.NetIsolationModeHost},
+}
+
+var (
+	_ drivers.DriverPlugin            = (*Driver)(nil)
+	_ drivers.ExecTaskStreamingDriver = (*Driver)(nil)
+)
+
+// Driver runs Nomad tasks as systemd-nspawn machines booting NixOS system closures.
+type Driver struct {
+	eventer *eventer.Eventer
+	ctx     context.Context
+	cancel  context.CancelFunc
+	logger  hclog.Logger
+	tasks   *taskStore
+	mgr     *nspawn.Manager
+
+	mu      sync.RWMutex
+	config  PluginConfig
+	compute cpustats.Compute
+	cgroups nspawn.Cgroups
+}
+
+// NewDriver returns a driver that is configured later through SetConfig.
+func NewDriver(logger hclog.Logger) *Driver {
+	ctx, cancel := context.WithCancel(context.Background())
+	logger = logger.Named(PluginName)
+	return &Driver{
+		eventer: eventer.NewEventer(ctx, logger),
+		ctx:     ctx,
+		cancel:  cancel,
+		logger:  logger,
+		tasks:   newTaskStore(),
+		mgr:     nspawn.NewManager(),
+	}
+}
+
+func (d *Driver) PluginInfo() (*base.PluginInfoResponse, error) { return pluginInfo, nil }
+
+func (d *Driver) ConfigSchema() (*hclspec.Spec, error) { return pluginConfigSpec, nil }
+
+func (d *Driver) SetConfig(cfg *base.Config) error {
+	var c PluginConfig
+	if len(cfg.PluginConfig) != 0 {
+		if err := base.MsgPackDecode(cfg.PluginConfig, &c); err != nil {
+			return err
+		}
+	}
+	if err := c.validate(); err != nil {
+		return fmt.Errorf("nixos-nspawn plugin config: %w", err)
+	}
+	cg, err := nspawn.DetectCgroups("/sys/fs/cgroup")
+	if err != nil {
+		d.logger.Warn("cannot tell the cgroup mode", "error", err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.config = c
+	d.cgroups = cg
+	if cfg.AgentConfig != nil {
+		d.compute = cfg.AgentConfig.Compute()
+	}
+	return nil
+}
+
+func (d *Driver) pluginConfig() PluginConfig {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.config
+}
+
+func (d *Driver) TaskConfigSchema() (*hclspec.Spec, error) { return taskConfigSpec, nil }
+
+func (d *Driver) Capabilities() (*drivers.Capabilities, error) { return capabilities, nil }
+
+func (d *Driver) TaskEvents(ctx context.Context) (<-chan *drivers.TaskEvent, error) {
+	return d.eventer.TaskEvents(ctx)
+}
+
+// Shutdown stops following machines; the machines keep running.
+func (d *Driver) Shutdown() {
+	d.cancel()
+	d.mgr.Close()
+}
+
+func (d *Driver) emitter(cfg *drivers.TaskConfig) func(string, map[string]string) {
+	return func(msg string, annotations map[string]string) {
+		_ = d.eventer.EmitEvent(&drivers.TaskEvent{
+			TaskID:      cfg.ID,
+			TaskName:    cfg.Name,
+			AllocID:     cfg.AllocID,
+			Timestamp:   time.Now(),
+			Message:     msg,
+			Annotations: annotations,
+		})
+	}
+}
+
+// machineDir holds a machine's root and console cursor.
+func (d *Driver) machineDir(machine string) string {
+	return filepath.Join(d.pluginConfig().DataDir, "machines", machine)
+}
+
+func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
+	if _, ok := d.tasks.get(cfg.ID); ok {
+		return nil, nil, fmt.Errorf("task %s is already running", cfg.ID)
+	}
+	pc := d.pluginConfig()
+	if !pc.Enabled {
+		return nil, nil, errors.New("the nixos-nspawn driver is disabled in the plugin config (enabled = false)")
+	}
+	var tc TaskConfig
+	if err := cfg.DecodeDriverConfig(&tc); err != nil {
+		return nil, nil, fmt.Errorf("decoding task config: %w", err)
+	}
+	opts, err := tc.validate()
+	if err != nil {
+		return nil, nil, err
+	}
+	spec, err := d.machineSpec(cfg, &tc, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	machineDir := filepath.Dir(spec.Root)
+	ctx, cancel := context.WithTimeout(d.ctx, registerTimeout+time.Minute)
+	defer cancel()
+
+	// A machine of the same name is a leftover of an earlier run of this very task.
+	if err := d.removeMachine(ctx, spec.Machine, cfg.AllocID); err != nil {
+		return nil, nil, fmt.Errorf("removing the leftovers of an earlier run: %w", err)
+	}
+	st, err := d.launch(ctx, cfg, spec, pc)
+	if err != nil {
+		if cerr := d.removeMachine(context.Background(), spec.Machine, cfg.AllocID); cerr != nil {
+			d.logger.Error("rolling back a failed start", "machine", spec.Machine, "error", cerr)
+		}
+		return nil, nil, err
+	}
+
+	state := TaskState{
+		Config:       tc,
+		Machine:      spec.Machine,
+		Unit:         spec.Unit(),
+		InvocationID: st.InvocationID,
+		MachineDir:   machineDir,
+		StartedAt:    time.Now(),
+	}
+	handle := drivers.NewTaskHandle(taskHandleVersion)
+	handle.Config = cfg
+	if err := handle.SetDriverState(&state); err != nil {
+		_ = d.removeMachine(context.Background(), spec.Machine, cfg.AllocID)
+		return nil, nil, fmt.Errorf("saving task state: %w", err)
+	}
+	d.track(cfg, state, opts.readyTimeout)
+	return handle, nil, nil
+}
+
+// launch prepares the root and starts the unit, returning once machined registered the machine or
+// the machine already ended (a guest may finish in milliseconds; its exit is reported by WaitTask).
+func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspawn.Spec, pc PluginConfig) (nspawn.UnitStatus, error) {
+	if err := nspawn.PrepareRoot(spec.Root); err != nil {
+		return nspawn.UnitStatus{}, err
+	}
+	if cfg.TaskDir() != nil && cfg.TaskDir().SecretsDir != "" {
+		skipped, err := nspawn.WriteEnvFile(filepath.Join(cfg.TaskDir().SecretsDir, envFileName), cfg.Env)
+		if err != nil {
+			return nspawn.UnitStatus{}, fmt.Errorf("writing the task environment file: %w", err)
+		}
+		if len(skipped) > 0 {
+			d.logger.Warn("environment variables with names systemd rejects were left out", "names", skipped)
+		}
+	}
+	if err := nspawn.StartCursor(pc.JournalctlPath, nspawn.CursorPath(filepath.Dir(spec.Root))); err != nil {
+		return nspawn.UnitStatus{}, err
+	}
+	if err := d.mgr.Start(ctx, spec); err != nil {
+		return nspawn.UnitStatus{}, err
+	}
+	deadline := time.Now().Add(registerTimeout)
+	for {
+		st, err := d.mgr.Status(ctx, spec.Unit())
+		if err != nil {
+			return st, err
+		}
+		if !st.Running() {
+			return st, nil
+		}
+		if ok, _ := d.mgr.Registered(spec.Machine); ok {
+			return st, nil
+		}
+		if time.Now().After(deadline) {
+			return st, fmt.Errorf("machine %s did not register with systemd-machined within %s", spec.Machine, registerTimeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// track creates the handle of a started or recovered machine and starts following it.
+func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout time.Duration) *taskHandle {
+	d.mu.RLock()
+	cgroups := d.cgroups
+	d.mu.RUnlock()
+	ctx, cancel := context.WithCancel(d.ctx)
+	pc := d.pluginConfig()
+	h := &taskHandle{
+		logger:  d.logger.With("task_id", cfg.ID, "machine", state.Machine),
+		mgr:     d.mgr,
+		cgroups: cgroups,
+		console: &nspawn.Console{
+			Journalctl: pc.JournalctlPath,
+			Unit:       state.Unit,
+			CursorFile: nspawn.CursorPath(state.MachineDir),
+			Open:       func() (io.WriteCloser, error) { return openFIFO(ctx, cfg.StdoutPath) },
+		},
+		emit:         d.emitter(cfg),
+		taskConfig:   cfg,
+		state:        state,
+		readyTimeout: readyTimeout,
+		doneCh:       make(chan struct{}),
+		cancel:       cancel,
+		followDone:   make(chan struct{}),
+	}
+	d.tasks.add(cfg.ID, h)
+	go h.run(ctx)
+	return h
+}
+
+func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
+	if handle == nil || handle.Config == nil {
+		return errors.New("cannot recover a task without its handle")
+	}
+	if _, ok := d.tasks.get(handle.Config.ID); ok {
+		return nil
+	}
+	var state TaskState
+	if err := handle.GetDriverState(&state); err != nil {
+		return fmt.Errorf("decoding task state: %w", err)
+	}
+	if state.Unit == "" {
+		return errors.New("task state names no machine unit")
+	}
+	st, err := d.mgr.Status(d.ctx, state.Unit)
+	if err != nil {
+		return fmt.Errorf("recovering machine %s: %w", state.Machine, err)
+	}
+	if !st.Loaded() {
+		return fmt.Errorf("recovering machine %s: its unit %s is gone", state.Machine, state.Unit)
+	}
+	if st.InvocationID != state.InvocationID && state.Config.RebootPolicy != string(nspawn.RebootRestart) {
+		return fmt.Errorf("recovering machine %s: unit %s is another invocation (%s, expected %s)", state.Machine, state.Unit, st.InvocationID, state.InvocationID)
+	}
+	opts, err := state.Config.options()
+	if err != nil {
+		return err
+	}
+	d.track(handle.Config, state, opts.readyTimeout)
+	return nil
+}
+
+func (d *Driver) WaitTask(ctx context.Context, taskID string) (<-chan *drivers.ExitResult, error) {
+	h, ok := d.tasks.get(taskID)
+	if !ok {
+		return nil, drivers.ErrTaskNotFound
+	}
+	ch := make(chan *drivers.ExitResult, 1)
+	go func() {
+		defer close(ch)
+		select {
+		case <-h.doneCh:
+			ch <- h.result()
+		case <-ctx.Done():
+		case <-d.ctx.Done():
+		}
+	}()
+	return ch, nil
+}
+
+// StopTask shuts the guest down in order (SIGTERM to nspawn, which sends SIGRTMIN+3 to the
+// guest's PID 1) and kills the machine if it is still there after timeout. A kill_signal other
+// than SIGTERM or SIGINT is delivered to the guest's PID 1 instead of the orderly shutdown.
+func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) error {
+	h, ok := d.tasks.get(taskID)
+	if !ok {
+		return drivers.ErrTaskNotFound
+	}
+	if !h.running() {
+		return nil
+	}
+	ctx := d.ctx
+	switch signal {
+	case "", "SIGTERM", "SIGINT":
+		if err := d.mgr.Kill(ctx, h.state.Unit, false, syscall.SIGTERM); err != nil {
+			return fmt.Errorf("stopping machine %s: %w", h.state.Machine, err)
+		}
+	default:
+		if err := d.SignalTask(taskID, signal); err != nil {
+			return err
+		}
+	}
+	select {
+	case <-h.doneCh:
+		return nil
+	case <-time.After(timeout):
+	}
+	h.logger.Info("machine did not stop within the kill timeout, killing it", "timeout", timeout)
+	if err := d.mgr.Kill(ctx, h.state.Unit, true, syscall.SIGKILL); err != nil {
+		return fmt.Errorf("killing machine %s: %w", h.state.Machine, err)
+	}
+	select {
+	case <-h.doneCh:
+		return nil
+	case <-time.After(stopTimeout):
+		return fmt.Errorf("machine %s still runs %s after SIGKILL", h.state.Machine, stopTimeout)
+	}
+}
+
+// DestroyTask removes the machine's unit, registration, root and state. It works from the task ID
+// alone when the driver has no handle (for example after a failed recovery).
+func (d *Driver) DestroyTask(taskID string, force bool) error {
+	h, ok := d.tasks.get(taskID)
+	var machine, allocID string
+	if ok {
+		if h.running() && !force {
+			return errors.New("cannot destroy a running task without force")
+		}
+		h.cancel()
+		machine, allocID = h.state.Machine, h.taskConfig.AllocID
+	} else {
+		var err error
+		if allocID, machine, err = machineOfTaskID(taskID); err != nil {
+			return err
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := d.removeMachine(ctx, machine, allocID); err != nil {
+		return err
+	}
+	d.tasks.delete(taskID)
+	return nil
+}
+
+// machineOfTaskID derives the machine of a task from its ID, "<alloc ID>/<task name>/<suffix>".
+func machineOfTaskID(taskID string) (allocID, machine string, err error) {
+	allocID, rest, ok := strings.Cut(taskID, "/")
+	i := strings.LastIndex(rest, "/")
+	if !ok || i <= 0 {
+		return "", "", fmt.Errorf("task ID %q is not <allocation>/<task>/<suffix>", taskID)
+	}
+	machine, err = nspawn.MachineName(allocID, rest[:i])
+	return allocID, machine, err
+}
+
+// removeMachine deletes everything a machine of this driver consists of. It refuses a unit of
+// that name that belongs to another allocation.
+func (d *Driver) removeMachine(ctx context.Context, machine, allocID string) error {
+	unit := nspawn.UnitName(machine)
+	st, err := d.mgr.Status(ctx, unit)
+	if err != nil {
+		return err
+	}
+	if st.Loaded() && !strings.Contains(st.Description, allocID) {
+		return fmt.Errorf("unit %s belongs to another allocation (%q), not touching it", unit, st.Description)
+	}
+	if err := d.mgr.Remove(ctx, unit); err != nil {
+		return err
+	}
+	if err := d.mgr.Terminate(machine); err != nil {
+		return fmt.Errorf("terminating machine %s: %w", machine, err)
+	}
+	dir := d.machineDir(machine)
+	if err := nspawn.RemoveRoot(filepath.Join(dir, "root")); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("removing %s: %w", dir, err)
+	}
+	return nil
+}
+
+func (d *Driver) InspectTask(taskID string) (*drivers.TaskStatus, error) {
+	h, ok := d.tasks.get(taskID)
+	if !ok {
+		return nil, drivers.ErrTaskNotFound
+	}
+	return h.status(), nil
+}
+
+// SignalTask delivers a signal to the guest's PID 1.
+func (d *Driver) SignalTask(taskID string, signal string) error {
+	h, ok := d.tasks.get(taskID)
+	if !ok {
+		return drivers.ErrTaskNotFound
+	}
+	sig, ok := signals.SignalLookup[signal]
+	if !ok {
+		return fmt.Errorf("signal %q: unknown signal name", signal)
+	}
+	leader, err := d.mgr.Leader(h.state.Machine)
+	if err != nil {
+		return err
+	}
+	return syscall.Kill(leader, sig.(syscall.Signal))
+}
+
+func (d *Driver) ExecTask(taskID string, cmd []string, timeout time.Duration) (*drivers.ExecTaskResult, error) {
+	h, ok := d.tasks.get(taskID)
+	if !ok {
+		return nil, drivers.ErrTaskNotFound
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, timeout)
+	defer cancel()
+	stdout := &limitedBuffer{max: drivers.CheckBufSize}
+	stderr := &limitedBuffer{max: drivers.CheckBufSize}
+	code, err := nspawn.Exec(ctx, d.pluginConfig().SystemdRunPath, h.state.Machine, nspawn.ExecOptions{
+		Command: cmd, Stdout: stdout, Stderr: stderr,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &drivers.ExecTaskResult{
+		Stdout:     stdout.buf,
+		Stderr:     stderr.buf,
+		ExitResult: &drivers.ExitResult{ExitCode: code},
+	}, nil
+}
+
+func (d *Driver) ExecTaskStreaming(ctx context.Context, taskID string, o *drivers.ExecOptions) (*drivers.ExitResult, error) {
+	h, ok := d.tasks.get(taskID)
+	if !ok {
+		return nil, drivers.ErrTaskNotFound
+	}
+	defer o.Stdout.Close()
+	defer o.Stderr.Close()
+	resize := make(chan nspawn.TerminalSize, 1)
+	go func() {
+		defer close(resize)
+		for {
+			select {
+			case s, ok := <-o.ResizeCh:
+				if !ok {
+					return
+				}
+				resize <- nspawn.TerminalSize{Width: uint16(s.Width), Height: uint16(s.Height)}
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	code, err := nspawn.Exec(ctx, d.pluginConfig().SystemdRunPath, h.state.Machine, nspawn.ExecOptions{
+		Command: o.Command, Tty: o.Tty, Stdin: o.Stdin, Stdout: o.Stdout, Stderr: o.Stderr, Resize: resize,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &drivers.ExitResult{ExitCode: code}, nil
+}
+
+// limitedBuffer keeps the first max bytes written to it, as Nomad's script checks expect.
+type limitedBuffer struct {
+	buf []byte
+	max int
+}
+
+func (b *limitedBuffer) Write(p []byte) (int, error) {
+	if room := b.max - len(b.buf); room > 0 {
+		b.buf = append(b.buf, p[:min(room, len(p))]...)
+	}
+	return len(p), nil
+}

@@ -1,0 +1,94 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package driver
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/hashicorp/nomad/plugins/shared/structs"
+)
+
+const attrPrefix = "driver." + PluginName + "."
+
+func (d *Driver) Fingerprint(ctx context.Context) (<-chan *drivers.Fingerprint, error) {
+	ch := make(chan *drivers.Fingerprint)
+	go func() {
+		defer close(ch)
+		// The first fingerprint at once: the client waits for it before it registers the node.
+		timer := time.NewTimer(0)
+		defer timer.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-d.ctx.Done():
+				return
+			case <-timer.C:
+				select {
+				case ch <- d.fingerprint(ctx):
+				case <-ctx.Done():
+					return
+				case <-d.ctx.Done():
+					return
+				}
+				timer.Reset(fingerprintPeriod)
+			}
+		}
+	}()
+	return ch, nil
+}
+
+func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
+	pc := d.pluginConfig()
+	fp := &drivers.Fingerprint{
+		Attributes: map[string]*structs.Attribute{
+			attrPrefix + "version": structs.NewStringAttribute(PluginVersion),
+		},
+		Health:            drivers.HealthStateHealthy,
+		HealthDescription: drivers.DriverHealthy,
+	}
+	if !pc.Enabled {
+		fp.Health, fp.HealthDescription = drivers.HealthStateUndetected, "disabled in the plugin config"
+		return fp
+	}
+	var problems []string
+	if os.Geteuid() != 0 {
+		problems = append(problems, "the plugin does not run as root (on NixOS set services.nomad.dropPrivileges = false)")
+	}
+	for _, tool := range []struct{ field, path string }{
+		{"nspawn_path", pc.NspawnPath}, {"systemd_run_path", pc.SystemdRunPath}, {"journalctl_path", pc.JournalctlPath},
+	} {
+		if fi, err := os.Stat(tool.path); err != nil || fi.IsDir() || fi.Mode().Perm()&0o111 == 0 {
+			problems = append(problems, fmt.Sprintf("%s: no executable at %s", tool.field, tool.path))
+		}
+	}
+	d.mu.RLock()
+	cg := d.cgroups
+	d.mu.RUnlock()
+	if cg.Mode != "" {
+		fp.Attributes[attrPrefix+"cgroup_mode"] = structs.NewStringAttribute(string(cg.Mode))
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if v, err := d.mgr.SystemdVersion(ctx); err != nil {
+		problems = append(problems, fmt.Sprintf("systemd is not reachable over D-Bus: %v", err))
+	} else {
+		fp.Attributes[attrPrefix+"systemd_version"] = structs.NewStringAttribute(v)
+	}
+	machined := d.mgr.MachinedReachable()
+	fp.Attributes[attrPrefix+"machined"] = structs.NewBoolAttribute(machined == nil)
+	if machined != nil {
+		problems = append(problems, fmt.Sprintf("systemd-machined is not reachable: %v", machined))
+	}
+	if len(problems) > 0 {
+		fp.Health = drivers.HealthStateUnhealthy
+		fp.HealthDescription = strings.Join(problems, "; ")
+	}
+	return fp
+}

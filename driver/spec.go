@@ -1,0 +1,123 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package driver
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/hashicorp/nomad/plugins/drivers"
+
+	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
+)
+
+// reservedEnv are variables that nspawn or the guest's systemd give a meaning of their own.
+var reservedEnv = []string{"container", "container_uuid", "container_host_", "NOTIFY_SOCKET", "LISTEN_", "SYSTEMD_"}
+
+// machineSpec translates a Nomad task into the machine that runs it.
+func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions) (*nspawn.Spec, error) {
+	pc := d.pluginConfig()
+	d.mu.RLock()
+	cgroupMode := d.cgroups.Mode
+	d.mu.RUnlock()
+	machine, err := nspawn.MachineName(cfg.AllocID, cfg.Name)
+	if err != nil {
+		return nil, err
+	}
+	id := sha256.Sum256([]byte(cfg.AllocID + "/" + cfg.Name))
+	s := &nspawn.Spec{
+		Machine:       machine,
+		Description:   fmt.Sprintf("Nomad task %s of allocation %s (job %s)", cfg.Name, cfg.AllocID, cfg.JobName),
+		Root:          filepath.Join(d.machineDir(machine), "root"),
+		Toplevel:      tc.Toplevel,
+		InitArgs:      tc.InitArgs,
+		UUID:          hex.EncodeToString(id[:16]),
+		NspawnPath:    pc.NspawnPath,
+		Slice:         pc.Slice,
+		PrivateUsers:  o.privateUsers,
+		Env:           guestEnv(cfg.Env),
+		UnifiedCgroup: cgroupMode == nspawn.CgroupUnified,
+		ReadyTimeout:  o.readyTimeout,
+		StopTimeout:   stopTimeout,
+		RebootPolicy:  o.rebootPolicy,
+		Resources:     resources(cfg.Resources, pc.TasksMax),
+	}
+	if dir := cfg.TaskDir(); dir != nil {
+		s.Binds = []nspawn.Bind{
+			{Source: dir.SharedAllocDir, Dest: "/alloc"},
+			// Logs are Nomad's: a guest that could swap them for symlinks could make the host
+			// write elsewhere.
+			{Source: dir.LogDir, Dest: "/alloc/logs", ReadOnly: true},
+			{Source: dir.LocalDir, Dest: "/local"},
+			{Source: dir.SecretsDir, Dest: "/secrets"},
+		}
+	}
+	if err := s.Validate(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// guestEnv is the task environment PID 1 gets, without names systemd rejects or gives a meaning.
+func guestEnv(env map[string]string) map[string]string {
+	out := make(map[string]string, len(env))
+	for k, v := range env {
+		if !nspawn.ValidEnvName(k) || strings.ContainsRune(v, 0) || isReservedEnv(k) {
+			continue
+		}
+		out[k] = v
+	}
+	return out
+}
+
+func isReservedEnv(name string) bool {
+	for _, r := range reservedEnv {
+		if name == r || (strings.HasSuffix(r, "_") && strings.HasPrefix(name, r)) {
+			return true
+		}
+	}
+	return false
+}
+
+// resources maps Nomad's resources onto the unit's limits, as Nomad's own drivers do: memory is
+// the hard limit, unless memory_max is set; then memory is protected (MemoryLow) and memory_max is
+// the hard limit.
+func resources(r *drivers.Resources, tasksMax int64) nspawn.Resources {
+	out := nspawn.Resources{TasksMax: uint64(max(tasksMax, 0))}
+	if r == nil || r.NomadResources == nil {
+		return out
+	}
+	mem := r.NomadResources.Memory
+	const mib = 1 << 20
+	switch {
+	case mem.MemoryMaxMB > 0:
+		out.MemoryLowBytes = uint64(mem.MemoryMB) * mib
+		out.MemoryMaxBytes = uint64(mem.MemoryMaxMB) * mib
+	case mem.MemoryMaxMB < 0:
+		// -1: no hard limit (oversubscription with unlimited memory_max).
+		out.MemoryLowBytes = uint64(mem.MemoryMB) * mib
+	case mem.MemoryMB > 0:
+		out.MemoryMaxBytes = uint64(mem.MemoryMB) * mib
+	}
+	out.CPUWeight = cpuWeight(r.NomadResources.Cpu.CpuShares)
+	// Only reserved cores pin a task: the shared cpuset changes whenever another task reserves
+	// cores, and a unit pinned to a stale copy would compete with them.
+	if lr := r.LinuxResources; lr != nil && lr.CpusetCpus != "" && strings.Contains(lr.CpusetCgroupPath, "reserve") {
+		out.AllowedCPUs = lr.CpusetCpus
+	}
+	return out
+}
+
+// cpuWeight converts cgroup v1 CPU shares (what Nomad's cpu MHz become) to a cgroup v2 weight with
+// the kernel's own formula, so weights compare across tasks as shares did.
+func cpuWeight(shares int64) uint64 {
+	if shares <= 0 {
+		return 0
+	}
+	w := 1 + ((shares-2)*9999)/262142
+	return uint64(min(max(w, 1), 10000))
+}

@@ -1,0 +1,267 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package nspawn
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	sddbus "github.com/coreos/go-systemd/v22/dbus"
+	"github.com/coreos/go-systemd/v22/machine1"
+	"github.com/godbus/dbus/v5"
+)
+
+// Manager talks to systemd and systemd-machined over the system bus. It reconnects when the bus
+// connection drops (a restarted dbus or machined must not strand running machines).
+type Manager struct {
+	mu       sync.Mutex
+	systemd  *sddbus.Conn
+	machined *machine1.Conn
+}
+
+// NewManager returns a manager that connects lazily.
+func NewManager() *Manager { return &Manager{} }
+
+func (m *Manager) sd(ctx context.Context) (*sddbus.Conn, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.systemd != nil && m.systemd.Connected() {
+		return m.systemd, nil
+	}
+	if m.systemd != nil {
+		m.systemd.Close()
+	}
+	c, err := sddbus.NewSystemConnectionContext(ctx)
+	if err != nil {
+		m.systemd = nil
+		return nil, fmt.Errorf("connecting to systemd over D-Bus: %w", err)
+	}
+	m.systemd = c
+	return c, nil
+}
+
+func (m *Manager) md() (*machine1.Conn, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.machined != nil && m.machined.Connected() {
+		return m.machined, nil
+	}
+	c, err := machine1.New()
+	if err != nil {
+		m.machined = nil
+		return nil, fmt.Errorf("connecting to systemd-machined over D-Bus: %w", err)
+	}
+	m.machined = c
+	return c, nil
+}
+
+// Close drops the bus connections.
+func (m *Manager) Close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.systemd != nil {
+		m.systemd.Close()
+		m.systemd = nil
+	}
+}
+
+// SystemdVersion is the version systemd reports, e.g. "252.39-1~deb12u1".
+func (m *Manager) SystemdVersion(ctx context.Context) (string, error) {
+	c, err := m.sd(ctx)
+	if err != nil {
+		return "", err
+	}
+	p, err := c.GetManagerProperty("Version")
+	if err != nil {
+		return "", err
+	}
+	return strings.Trim(p, `"`), nil
+}
+
+// MachinedReachable tells whether systemd-machined answers.
+func (m *Manager) MachinedReachable() error {
+	c, err := m.md()
+	if err != nil {
+		return err
+	}
+	_, err = c.ListMachines()
+	return err
+}
+
+// Start starts the machine's unit and returns once systemd accepted it; nspawn runs from then on.
+func (m *Manager) Start(ctx context.Context, s *Spec) error {
+	props, err := s.UnitProperties()
+	if err != nil {
+		return err
+	}
+	c, err := m.sd(ctx)
+	if err != nil {
+		return err
+	}
+	// "fail": never replace a unit of the same name, which would belong to another task.
+	if _, err := c.StartTransientUnitContext(ctx, s.Unit(), "fail", props, nil); err != nil {
+		return fmt.Errorf("starting unit %s: %w", s.Unit(), err)
+	}
+	return nil
+}
+
+// Status reads the unit's state. A unit systemd does not know has LoadState "not-found".
+func (m *Manager) Status(ctx context.Context, unit string) (UnitStatus, error) {
+	c, err := m.sd(ctx)
+	if err != nil {
+		return UnitStatus{}, err
+	}
+	up, err := c.GetUnitPropertiesContext(ctx, unit)
+	if err != nil {
+		return UnitStatus{}, fmt.Errorf("reading unit %s: %w", unit, err)
+	}
+	u := UnitStatus{
+		LoadState:   str(up["LoadState"]),
+		ActiveState: str(up["ActiveState"]),
+		SubState:    str(up["SubState"]),
+		Description: str(up["Description"]),
+	}
+	if id, ok := up["InvocationID"].([]byte); ok && len(id) > 0 {
+		u.InvocationID = fmt.Sprintf("%x", id)
+	}
+	if ts, ok := up["ActiveEnterTimestampMonotonic"].(uint64); ok {
+		u.EverActive = ts > 0
+	}
+	if !u.Loaded() {
+		return u, nil
+	}
+	sp, err := c.GetUnitTypePropertiesContext(ctx, unit, "Service")
+	if err != nil {
+		return UnitStatus{}, fmt.Errorf("reading service %s: %w", unit, err)
+	}
+	u.Result = str(sp["Result"])
+	u.ControlGroup = str(sp["ControlGroup"])
+	u.MainPID, _ = sp["MainPID"].(uint32)
+	u.ExecMainCode, _ = sp["ExecMainCode"].(int32)
+	u.ExecMainStatus, _ = sp["ExecMainStatus"].(int32)
+	return u, nil
+}
+
+func str(v any) string { s, _ := v.(string); return s }
+
+// Kill sends sig to the unit's main process (nspawn) or to all of its processes.
+func (m *Manager) Kill(ctx context.Context, unit string, all bool, sig syscall.Signal) error {
+	c, err := m.sd(ctx)
+	if err != nil {
+		return err
+	}
+	who := sddbus.Main
+	if all {
+		who = sddbus.All
+	}
+	return c.KillUnitWithTarget(ctx, unit, who, int32(sig))
+}
+
+// Remove stops the unit if it runs, kills what is left, and unloads it (reset-failed), so its name
+// is free again. It succeeds when there is no such unit.
+func (m *Manager) Remove(ctx context.Context, unit string) error {
+	c, err := m.sd(ctx)
+	if err != nil {
+		return err
+	}
+	st, err := m.Status(ctx, unit)
+	if err != nil {
+		return err
+	}
+	if !st.Loaded() {
+		return nil
+	}
+	if st.Running() {
+		// Destroy is not the orderly path (StopTask is): kill at once.
+		_ = c.KillUnitWithTarget(ctx, unit, sddbus.All, int32(syscall.SIGKILL))
+	}
+	done := make(chan string, 1)
+	if _, err := c.StopUnitContext(ctx, unit, "replace", done); err != nil && !isNoSuchUnit(err) {
+		return fmt.Errorf("stopping unit %s: %w", unit, err)
+	}
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if err := c.ResetFailedUnitContext(ctx, unit); err != nil && !isNoSuchUnit(err) && !isNotFailed(err) {
+		return fmt.Errorf("resetting unit %s: %w", unit, err)
+	}
+	// A stopped transient unit is collected a moment later; wait so the name is reusable.
+	for {
+		st, err := m.Status(ctx, unit)
+		if err != nil {
+			return err
+		}
+		if !st.Loaded() {
+			return nil
+		}
+		select {
+		case <-time.After(20 * time.Millisecond):
+		case <-ctx.Done():
+			return fmt.Errorf("unit %s is still loaded (%s/%s): %w", unit, st.ActiveState, st.SubState, ctx.Err())
+		}
+	}
+}
+
+func isNoSuchUnit(err error) bool {
+	var e dbus.Error
+	return errors.As(err, &e) && e.Name == "org.freedesktop.systemd1.NoSuchUnit"
+}
+
+func isNotFailed(err error) bool {
+	var e dbus.Error
+	return errors.As(err, &e) && strings.HasSuffix(e.Name, "UnitNotFailed")
+}
+
+// Leader is the host PID of the machine's PID 1.
+func (m *Manager) Leader(machine string) (int, error) {
+	c, err := m.md()
+	if err != nil {
+		return 0, err
+	}
+	props, err := c.DescribeMachine(machine)
+	if err != nil {
+		return 0, fmt.Errorf("machine %s: %w", machine, err)
+	}
+	pid, ok := props["Leader"].(uint32)
+	if !ok || pid == 0 {
+		return 0, fmt.Errorf("machine %s has no leader process", machine)
+	}
+	return int(pid), nil
+}
+
+// Registered tells whether machined knows the machine.
+func (m *Manager) Registered(machine string) (bool, error) {
+	c, err := m.md()
+	if err != nil {
+		return false, err
+	}
+	if _, err := c.GetMachine(machine); err != nil {
+		var e dbus.Error
+		if errors.As(err, &e) && strings.HasSuffix(e.Name, "NoSuchMachine") {
+			return false, nil
+		}
+		return false, err
+	}
+	return true, nil
+}
+
+// Terminate drops a machine registration that outlived its unit. No such machine is no error.
+func (m *Manager) Terminate(machine string) error {
+	ok, err := m.Registered(machine)
+	if err != nil || !ok {
+		return err
+	}
+	c, err := m.md()
+	if err != nil {
+		return err
+	}
+	return c.TerminateMachine(machine)
+}

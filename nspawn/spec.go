@@ -1,0 +1,145 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+// Package nspawn runs NixOS system closures as systemd-nspawn machines inside transient systemd
+// service units. It knows nothing about Nomad.
+package nspawn
+
+import (
+	"fmt"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+)
+
+// RebootPolicy says what a guest reboot (nspawn exit status 133) means.
+type RebootPolicy string
+
+const (
+	// RebootExit ends the machine with exit status 133; the scheduler decides about a restart.
+	RebootExit RebootPolicy = "exit"
+	// RebootRestart lets systemd boot the machine again in place, keeping its root.
+	RebootRestart RebootPolicy = "restart"
+)
+
+// ExitReboot is the status systemd-nspawn exits with when the guest reboots.
+const ExitReboot = 133
+
+// Bind is a host directory made visible in the machine.
+type Bind struct {
+	Source   string
+	Dest     string
+	ReadOnly bool
+}
+
+// Spec describes one machine: everything needed to build its unit and nspawn command line.
+type Spec struct {
+	Machine     string
+	Description string
+	// Root is the machine's root directory; PrepareRoot creates it.
+	Root     string
+	Toplevel string
+	InitArgs []string
+	// UUID becomes the guest's machine ID: derived from the task, so it is stable across restarts.
+	UUID string
+
+	NspawnPath string
+	Slice      string
+
+	// PrivateUsers is "pick" or "BASE:SIZE".
+	PrivateUsers string
+	Binds        []Bind
+	// Env is given to the guest's PID 1.
+	Env map[string]string
+	// UnifiedCgroup makes nspawn give the guest a cgroup v2 hierarchy, which a NixOS root cannot
+	// tell it by itself (it holds no systemd nspawn could inspect).
+	UnifiedCgroup bool
+
+	ReadyTimeout time.Duration
+	StopTimeout  time.Duration
+	RebootPolicy RebootPolicy
+
+	Resources Resources
+}
+
+// Resources are the cgroup limits of the unit; zero means unset.
+type Resources struct {
+	MemoryLowBytes uint64
+	MemoryMaxBytes uint64
+	CPUWeight      uint64
+	AllowedCPUs    string
+	TasksMax       uint64
+}
+
+// Unit is the name of the transient service unit that runs the machine.
+func (s *Spec) Unit() string { return UnitName(s.Machine) }
+
+// Args is the systemd-nspawn command line, program name first.
+func (s *Spec) Args() []string {
+	args := []string{
+		s.NspawnPath,
+		"--quiet",
+		// The transient unit is the machine's scope: machined registers it instead of making one.
+		"--keep-unit",
+		"--register=yes",
+		// .nspawn files are an escape route (CVE-2026-40226) and nothing of ours needs them.
+		"--settings=no",
+		"--machine=" + s.Machine,
+		"--directory=" + s.Root,
+		"--private-users=" + s.PrivateUsers,
+		// The root is fresh and nearly empty, so chowning it to the picked range is cheap.
+		"--private-users-ownership=auto",
+		// NixOS runs as a command, not --boot, so nspawn must be told how to shut it down.
+		"--kill-signal=SIGRTMIN+3",
+		"--notify-ready=yes",
+		"--console=read-only",
+		"--link-journal=no",
+		"--timezone=off",
+		"--resolv-conf=off",
+		"--network-veth",
+		"--bind-ro=/nix/store",
+	}
+	if s.UUID != "" {
+		args = append(args, "--uuid="+s.UUID)
+	}
+	for _, b := range s.Binds {
+		flag := "--bind="
+		if b.ReadOnly {
+			flag = "--bind-ro="
+		}
+		args = append(args, flag+b.Source+":"+b.Dest)
+	}
+	keys := make([]string, 0, len(s.Env))
+	for k := range s.Env {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		args = append(args, "--setenv="+k+"="+s.Env[k])
+	}
+	args = append(args, "--", filepath.Join(s.Toplevel, "init"))
+	return append(args, s.InitArgs...)
+}
+
+// Validate checks what the command line cannot express safely.
+func (s *Spec) Validate() error {
+	for _, b := range s.Binds {
+		for _, p := range []string{b.Source, b.Dest} {
+			if !filepath.IsAbs(p) || strings.ContainsAny(p, ":\\\n\x00") {
+				return fmt.Errorf("bind path %q must be absolute and contain no ':', '\\' or control characters", p)
+			}
+		}
+	}
+	for k, v := range s.Env {
+		if strings.ContainsAny(v, "\x00") || strings.ContainsAny(k, "=\x00") {
+			return fmt.Errorf("environment variable %q cannot be passed to the machine", k)
+		}
+	}
+	for _, a := range s.InitArgs {
+		if strings.ContainsRune(a, 0) {
+			return fmt.Errorf("init argument %q contains a NUL byte", a)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,98 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package nspawn
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// UnitStatus is what systemd knows about a machine's unit.
+type UnitStatus struct {
+	LoadState    string
+	ActiveState  string
+	SubState     string
+	Result       string
+	InvocationID string
+	Description  string
+	MainPID      uint32
+	ControlGroup string
+	// ExecMainCode is a CLD_* code: exited, killed or dumped.
+	ExecMainCode   int32
+	ExecMainStatus int32
+	// EverActive is true once the unit reached "active", i.e. the guest got ready.
+	EverActive bool
+}
+
+// Loaded is false when systemd has no such unit.
+func (u UnitStatus) Loaded() bool { return u.LoadState == "loaded" }
+
+// Running is true while nspawn runs: starting, ready, stopping, or about to boot again.
+func (u UnitStatus) Running() bool {
+	switch u.ActiveState {
+	case "activating", "deactivating", "reloading":
+		return true
+	case "active":
+		return u.SubState != "exited"
+	}
+	return false
+}
+
+// Ready is true once the guest reported READY=1.
+func (u UnitStatus) Ready() bool { return u.ActiveState == "active" && u.SubState == "running" }
+
+// Exit is how a machine ended.
+type Exit struct {
+	Code      int
+	Signal    int
+	OOMKilled bool
+	// NotReady is set when the guest did not get ready within the ready timeout.
+	NotReady bool
+}
+
+const (
+	cldExited = 1
+	cldKilled = 2
+	cldDumped = 3
+)
+
+var terminatedBySignal = regexp.MustCompile(`Container \S+ terminated by signal (\w+)\.`)
+
+// ExitOf reads the exit of an ended unit. console is the tail of the machine's console: nspawn
+// reports a guest PID 1 killed by a signal only there, as exit status 1.
+func ExitOf(u UnitStatus, console []string) (Exit, error) {
+	var e Exit
+	switch u.ExecMainCode {
+	case cldExited:
+		e.Code = int(u.ExecMainStatus)
+	case cldKilled, cldDumped:
+		e.Signal = int(u.ExecMainStatus)
+		e.Code = 128 + e.Signal
+	default:
+		if u.Result == "success" || u.Result == "" {
+			return e, fmt.Errorf("unit %s ended (%s) without an exit status", u.Description, u.Result)
+		}
+	}
+	switch u.Result {
+	case "timeout":
+		e.NotReady = !u.EverActive
+	case "oom-kill":
+		e.OOMKilled = true
+	}
+	if e.Code == 1 && e.Signal == 0 {
+		for i := len(console) - 1; i >= 0; i-- {
+			if m := terminatedBySignal.FindStringSubmatch(console[i]); m != nil {
+				if sig := unix.SignalNum("SIG" + strings.TrimPrefix(m[1], "SIG")); sig != 0 {
+					e.Signal = int(sig)
+					e.Code = 128 + e.Signal
+				}
+				break
+			}
+		}
+	}
+	return e, nil
+}

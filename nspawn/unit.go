@@ -1,0 +1,121 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package nspawn
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"syscall"
+
+	sddbus "github.com/coreos/go-systemd/v22/dbus"
+	"github.com/godbus/dbus/v5"
+)
+
+func prop(name string, value any) sddbus.Property {
+	return sddbus.Property{Name: name, Value: dbus.MakeVariant(value)}
+}
+
+type deviceAllow struct {
+	Path   string
+	Access string
+}
+
+type exitStatusSet struct {
+	Statuses []int32
+	Signals  []int32
+}
+
+// UnitProperties are the properties of the transient service that runs the machine.
+func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
+	props := []sddbus.Property{
+		sddbus.PropDescription(s.Description),
+		sddbus.PropExecStart(s.Args(), true),
+		// nspawn says READY=1 only once the guest did (--notify-ready=yes), so activation of the
+		// unit is the guest's readiness, and TimeoutStartSec is the ready timeout.
+		sddbus.PropType("notify"),
+		prop("NotifyAccess", "all"),
+		prop("TimeoutStartUSec", uint64(s.ReadyTimeout.Microseconds())),
+		// nspawn runs its own cgroup subtree for the guest, and a guest systemd needs it writable.
+		prop("Delegate", true),
+		// SIGTERM goes to nspawn only, which turns it into SIGRTMIN+3 for the guest (an orderly
+		// shutdown); the final SIGKILL reaches every process of the machine.
+		prop("KillMode", "mixed"),
+		prop("KillSignal", int32(syscall.SIGTERM)),
+		prop("TimeoutStopUSec", uint64(s.StopTimeout.Microseconds())),
+		// Keeps the unit, its ExecMainStatus and Result loaded after nspawn exits, so the exit
+		// status is still there for a plugin that was down when the machine ended.
+		sddbus.PropRemainAfterExit(true),
+		sddbus.PropSlice(s.Slice),
+		prop("MemoryAccounting", true),
+		prop("CPUAccounting", true),
+		prop("TasksAccounting", true),
+		prop("IOAccounting", true),
+		// An OOM kill inside the machine is the guest's business (it may restart the service);
+		// the driver reports it and the exit, instead of systemd stopping the whole machine.
+		prop("OOMPolicy", "continue"),
+		prop("StandardInput", "null"),
+		// The console goes to the journal: it never blocks the machine, and the driver forwards it
+		// to Nomad from a cursor that survives plugin restarts.
+		prop("StandardOutput", "journal"),
+		prop("StandardError", "journal"),
+		prop("LogRateLimitIntervalUSec", uint64(0)),
+		// As systemd-nspawn@.service: no device nodes but the ones a container needs.
+		prop("DevicePolicy", "closed"),
+		prop("DeviceAllow", []deviceAllow{{"/dev/net/tun", "rwm"}, {"char-pts", "rw"}}),
+	}
+	if s.UnifiedCgroup {
+		props = append(props, prop("Environment", []string{"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1"}))
+	}
+	if s.RebootPolicy == RebootRestart {
+		props = append(props, prop("RestartForceExitStatus", exitStatusSet{Statuses: []int32{ExitReboot}, Signals: []int32{}}))
+	}
+	r := s.Resources
+	if r.MemoryMaxBytes > 0 {
+		props = append(props, prop("MemoryMax", r.MemoryMaxBytes), prop("MemorySwapMax", uint64(0)))
+	}
+	if r.MemoryLowBytes > 0 {
+		props = append(props, prop("MemoryLow", r.MemoryLowBytes))
+	}
+	if r.CPUWeight > 0 {
+		props = append(props, prop("CPUWeight", r.CPUWeight))
+	}
+	if r.AllowedCPUs != "" {
+		mask, err := CPUMask(r.AllowedCPUs)
+		if err != nil {
+			return nil, err
+		}
+		props = append(props, prop("AllowedCPUs", mask))
+	}
+	if r.TasksMax > 0 {
+		props = append(props, prop("TasksMax", r.TasksMax))
+	}
+	return props, nil
+}
+
+// CPUMask turns a cpuset list such as "0-2,5" into systemd's AllowedCPUs byte mask.
+func CPUMask(list string) ([]byte, error) {
+	var mask []byte
+	set := func(cpu int) {
+		for len(mask) <= cpu/8 {
+			mask = append(mask, 0)
+		}
+		mask[cpu/8] |= 1 << (cpu % 8)
+	}
+	for _, part := range strings.Split(list, ",") {
+		lo, hi, isRange := strings.Cut(strings.TrimSpace(part), "-")
+		first, err := strconv.Atoi(lo)
+		last := first
+		if err == nil && isRange {
+			last, err = strconv.Atoi(hi)
+		}
+		if err != nil || first < 0 || last < first || last > 8191 {
+			return nil, fmt.Errorf("invalid cpuset %q: want a list like \"0-2,5\"", list)
+		}
+		for cpu := first; cpu <= last; cpu++ {
+			set(cpu)
+		}
+	}
+	return mask, nil
+}
