@@ -35,6 +35,7 @@ var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"nspawn_path":      hclspec.NewAttr("nspawn_path", "string", false),
 	"systemd_run_path": hclspec.NewAttr("systemd_run_path", "string", false),
 	"journalctl_path":  hclspec.NewAttr("journalctl_path", "string", false),
+	"nsenter_path":     hclspec.NewAttr("nsenter_path", "string", false),
 	"slice":            hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
 	"tasks_max":        hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
 })
@@ -54,6 +55,7 @@ type PluginConfig struct {
 	NspawnPath     string `codec:"nspawn_path"`
 	SystemdRunPath string `codec:"systemd_run_path"`
 	JournalctlPath string `codec:"journalctl_path"`
+	NsenterPath    string `codec:"nsenter_path"`
 	Slice          string `codec:"slice"`
 	TasksMax       int64  `codec:"tasks_max"`
 }
@@ -71,8 +73,8 @@ var sliceName = regexp.MustCompile(`^[A-Za-z0-9:_.\\-]+\.slice$`)
 
 // validate checks the plugin config and fills in tool paths that were left out.
 func (c *PluginConfig) validate() error {
-	if !filepath.IsAbs(c.DataDir) || filepath.Clean(c.DataDir) == "/" {
-		return fmt.Errorf("data_dir = %q: must be an absolute path other than /", c.DataDir)
+	if !filepath.IsAbs(c.DataDir) || filepath.Clean(c.DataDir) == "/" || strings.ContainsAny(c.DataDir, "':\\\n\x00") {
+		return fmt.Errorf("data_dir = %q: must be an absolute path other than /, without quotes, ':', '\\' or control characters", c.DataDir)
 	}
 	c.DataDir = filepath.Clean(c.DataDir)
 	if !sliceName.MatchString(c.Slice) {
@@ -88,6 +90,7 @@ func (c *PluginConfig) validate() error {
 		{"nspawn_path", "systemd-nspawn", &c.NspawnPath},
 		{"systemd_run_path", "systemd-run", &c.SystemdRunPath},
 		{"journalctl_path", "journalctl", &c.JournalctlPath},
+		{"nsenter_path", "nsenter", &c.NsenterPath},
 	} {
 		if *t.path == "" {
 			*t.path = findTool(t.name)

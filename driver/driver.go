@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -72,6 +71,8 @@ type Driver struct {
 	logger  hclog.Logger
 	tasks   *taskStore
 	mgr     *nspawn.Manager
+	// self is this binary, which also runs as the console forwarder of each machine.
+	self string
 
 	mu      sync.RWMutex
 	config  PluginConfig
@@ -83,7 +84,12 @@ type Driver struct {
 func NewDriver(logger hclog.Logger) *Driver {
 	ctx, cancel := context.WithCancel(context.Background())
 	logger = logger.Named(PluginName)
+	self, err := os.Executable()
+	if err != nil {
+		logger.Error("cannot find the plugin binary, consoles will not be forwarded", "error", err)
+	}
 	return &Driver{
+		self:    self,
 		eventer: eventer.NewEventer(ctx, logger),
 		ctx:     ctx,
 		cancel:  cancel,
@@ -234,16 +240,27 @@ func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspa
 	if err := d.mgr.Start(ctx, spec); err != nil {
 		return nspawn.UnitStatus{}, err
 	}
+	console := nspawn.Console{
+		Journalctl: pc.JournalctlPath,
+		Unit:       spec.Unit(),
+		CursorFile: nspawn.CursorPath(filepath.Dir(spec.Root)),
+		FIFO:       cfg.StdoutPath,
+	}
+	if err := d.mgr.StartUnit(ctx, nspawn.ConsoleUnit(spec.Machine), console.UnitProperties(d.self)); err != nil {
+		return nspawn.UnitStatus{}, fmt.Errorf("starting the console forwarder: %w", err)
+	}
 	deadline := time.Now().Add(registerTimeout)
 	for {
 		st, err := d.mgr.Status(ctx, spec.Unit())
 		if err != nil {
 			return st, err
 		}
-		if !st.Running() {
+		// The invocation ID identifies this run of the unit in recovery; it is set once the
+		// start job runs.
+		if !st.Loaded() || (st.InvocationID != "" && !st.Running()) {
 			return st, nil
 		}
-		if ok, _ := d.mgr.Registered(spec.Machine); ok {
+		if ok, _ := d.mgr.Registered(spec.Machine); ok && st.InvocationID != "" {
 			return st, nil
 		}
 		if time.Now().After(deadline) {
@@ -259,24 +276,17 @@ func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout ti
 	cgroups := d.cgroups
 	d.mu.RUnlock()
 	ctx, cancel := context.WithCancel(d.ctx)
-	pc := d.pluginConfig()
 	h := &taskHandle{
-		logger:  d.logger.With("task_id", cfg.ID, "machine", state.Machine),
-		mgr:     d.mgr,
-		cgroups: cgroups,
-		console: &nspawn.Console{
-			Journalctl: pc.JournalctlPath,
-			Unit:       state.Unit,
-			CursorFile: nspawn.CursorPath(state.MachineDir),
-			Open:       func() (io.WriteCloser, error) { return openFIFO(ctx, cfg.StdoutPath) },
-		},
+		logger:       d.logger.With("task_id", cfg.ID, "machine", state.Machine),
+		mgr:          d.mgr,
+		cgroups:      cgroups,
+		journalctl:   d.pluginConfig().JournalctlPath,
 		emit:         d.emitter(cfg),
 		taskConfig:   cfg,
 		state:        state,
 		readyTimeout: readyTimeout,
 		doneCh:       make(chan struct{}),
 		cancel:       cancel,
-		followDone:   make(chan struct{}),
 	}
 	d.tasks.add(cfg.ID, h)
 	go h.run(ctx)
@@ -302,9 +312,11 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 		return fmt.Errorf("recovering machine %s: %w", state.Machine, err)
 	}
 	if !st.Loaded() {
-		return fmt.Errorf("recovering machine %s: its unit %s is gone", state.Machine, state.Unit)
-	}
-	if st.InvocationID != state.InvocationID && state.Config.RebootPolicy != string(nspawn.RebootRestart) {
+		// An ended machine whose unit recorded its exit is recovered, so WaitTask reports it.
+		if _, ok, err := nspawn.ReadExitFile(nspawn.ExitFilePath(state.MachineDir)); err != nil || !ok {
+			return fmt.Errorf("recovering machine %s: its unit %s is gone and recorded no exit", state.Machine, state.Unit)
+		}
+	} else if st.InvocationID != state.InvocationID && state.Config.RebootPolicy != string(nspawn.RebootRestart) {
 		return fmt.Errorf("recovering machine %s: unit %s is another invocation (%s, expected %s)", state.Machine, state.Unit, st.InvocationID, state.InvocationID)
 	}
 	opts, err := state.Config.options()
@@ -420,8 +432,10 @@ func (d *Driver) removeMachine(ctx context.Context, machine, allocID string) err
 	if st.Loaded() && !strings.Contains(st.Description, allocID) {
 		return fmt.Errorf("unit %s belongs to another allocation (%q), not touching it", unit, st.Description)
 	}
-	if err := d.mgr.Remove(ctx, unit); err != nil {
-		return err
+	for _, u := range []string{unit, nspawn.ConsoleUnit(machine)} {
+		if err := d.mgr.Remove(ctx, u); err != nil {
+			return err
+		}
 	}
 	if err := d.mgr.Terminate(machine); err != nil {
 		return fmt.Errorf("terminating machine %s: %w", machine, err)
@@ -470,9 +484,7 @@ func (d *Driver) ExecTask(taskID string, cmd []string, timeout time.Duration) (*
 	defer cancel()
 	stdout := &limitedBuffer{max: drivers.CheckBufSize}
 	stderr := &limitedBuffer{max: drivers.CheckBufSize}
-	code, err := nspawn.Exec(ctx, d.pluginConfig().SystemdRunPath, h.state.Machine, nspawn.ExecOptions{
-		Command: cmd, Stdout: stdout, Stderr: stderr,
-	})
+	code, err := d.exec(ctx, h, nspawn.ExecOptions{Command: cmd, Stdout: stdout, Stderr: stderr})
 	if err != nil {
 		return nil, err
 	}
@@ -505,13 +517,25 @@ func (d *Driver) ExecTaskStreaming(ctx context.Context, taskID string, o *driver
 			}
 		}
 	}()
-	code, err := nspawn.Exec(ctx, d.pluginConfig().SystemdRunPath, h.state.Machine, nspawn.ExecOptions{
+	code, err := d.exec(ctx, h, nspawn.ExecOptions{
 		Command: o.Command, Tty: o.Tty, Stdin: o.Stdin, Stdout: o.Stdout, Stderr: o.Stderr, Resize: resize,
 	})
 	if err != nil {
 		return nil, err
 	}
 	return &drivers.ExitResult{ExitCode: code}, nil
+}
+
+func (d *Driver) exec(ctx context.Context, h *taskHandle, o nspawn.ExecOptions) (int, error) {
+	if !h.running() {
+		return 0, fmt.Errorf("machine %s is not running", h.state.Machine)
+	}
+	leader, err := d.mgr.Leader(h.state.Machine)
+	if err != nil {
+		return 0, err
+	}
+	pc := d.pluginConfig()
+	return nspawn.Exec(ctx, nspawn.ExecTools{SystemdRun: pc.SystemdRunPath, Nsenter: pc.NsenterPath}, h.state.Machine, leader, o)
 }
 
 // limitedBuffer keeps the first max bytes written to it, as Nomad's script checks expect.

@@ -63,6 +63,7 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 	}
 	for _, tool := range []struct{ field, path string }{
 		{"nspawn_path", pc.NspawnPath}, {"systemd_run_path", pc.SystemdRunPath}, {"journalctl_path", pc.JournalctlPath},
+		{"nsenter_path", pc.NsenterPath},
 	} {
 		if fi, err := os.Stat(tool.path); err != nil || fi.IsDir() || fi.Mode().Perm()&0o111 == 0 {
 			problems = append(problems, fmt.Sprintf("%s: no executable at %s", tool.field, tool.path))

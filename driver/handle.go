@@ -20,13 +20,20 @@ import (
 // on it: the unit keeps its exit status until the task is destroyed.
 const pollInterval = 100 * time.Millisecond
 
+const (
+	// consoleTailLines is how much of the console an error about a failed machine quotes.
+	consoleTailLines = 20
+	// consoleDrainWait is a little over the forwarder's own bound on draining.
+	consoleDrainWait = 35 * time.Second
+)
+
 // taskHandle follows one machine: its unit state, readiness, OOM kills, console and exit.
 type taskHandle struct {
-	logger  hclog.Logger
-	mgr     *nspawn.Manager
-	cgroups nspawn.Cgroups
-	console *nspawn.Console
-	emit    func(msg string, annotations map[string]string)
+	logger     hclog.Logger
+	mgr        *nspawn.Manager
+	cgroups    nspawn.Cgroups
+	journalctl string
+	emit       func(msg string, annotations map[string]string)
 
 	taskConfig   *drivers.TaskConfig
 	state        TaskState
@@ -41,8 +48,6 @@ type taskHandle struct {
 
 	doneCh chan struct{}
 	cancel context.CancelFunc
-	// followDone is closed when the console follower stopped.
-	followDone chan struct{}
 }
 
 func (h *taskHandle) running() bool {
@@ -78,10 +83,6 @@ func (h *taskHandle) status() *drivers.TaskStatus {
 // run follows the machine until it ends, then records the exit. It returns at once when ctx ends
 // (the plugin shuts down or the task is destroyed), leaving the machine alone.
 func (h *taskHandle) run(ctx context.Context) {
-	followCtx, stopFollow := context.WithCancel(ctx)
-	go h.follow(followCtx)
-	defer stopFollow()
-
 	failures := 0
 	ticker := time.NewTicker(pollInterval)
 	defer ticker.Stop()
@@ -97,16 +98,25 @@ func (h *taskHandle) run(ctx context.Context) {
 				h.logger.Warn("cannot read machine unit state", "unit", h.state.Unit, "error", err)
 			}
 		case !st.Loaded():
-			h.finish(ctx, stopFollow, nil, fmt.Errorf("unit %s disappeared: the machine was removed outside Nomad, its exit status is unknown", h.state.Unit))
+			// A successful end unloads the unit; it recorded its exit first.
+			recorded, ok, err := nspawn.ReadExitFile(nspawn.ExitFilePath(h.state.MachineDir))
+			if err == nil && !ok {
+				err = fmt.Errorf("unit %s disappeared without recording an exit: the machine was removed outside Nomad", h.state.Unit)
+			}
+			if err != nil {
+				h.finish(ctx, nil, err)
+			} else {
+				h.finish(ctx, &recorded, nil)
+			}
 			return
 		case st.InvocationID != h.state.InvocationID && st.InvocationID != "" && h.state.Config.RebootPolicy != string(nspawn.RebootRestart):
-			h.finish(ctx, stopFollow, nil, fmt.Errorf("unit %s was replaced by another invocation (%s), the machine's exit status is unknown", h.state.Unit, st.InvocationID))
+			h.finish(ctx, nil, fmt.Errorf("unit %s was replaced by another invocation (%s), the machine's exit status is unknown", h.state.Unit, st.InvocationID))
 			return
 		default:
 			failures = 0
 			h.observe(st)
 			if !st.Running() {
-				h.finish(ctx, stopFollow, &st, nil)
+				h.finish(ctx, &st, nil)
 				return
 			}
 		}
@@ -149,32 +159,14 @@ func (h *taskHandle) observe(st nspawn.UnitStatus) {
 	}
 }
 
-// follow forwards the console to Nomad's log until ctx ends, restarting after errors.
-func (h *taskHandle) follow(ctx context.Context) {
-	defer close(h.followDone)
-	for ctx.Err() == nil {
-		if err := h.console.Follow(ctx); err != nil && ctx.Err() == nil {
-			h.logger.Warn("forwarding the machine console failed, retrying", "unit", h.state.Unit, "error", err)
-			select {
-			case <-ctx.Done():
-			case <-time.After(time.Second):
-			}
-		}
-	}
-}
-
-// finish drains the console so the machine's last lines reach the log before its exit is
-// reported, then publishes the exit.
-func (h *taskHandle) finish(ctx context.Context, stopFollow context.CancelFunc, st *nspawn.UnitStatus, failure error) {
-	stopFollow()
-	<-h.followDone
-	if err := h.console.Drain(ctx); err != nil && ctx.Err() == nil {
-		h.logger.Warn("draining the machine console failed", "unit", h.state.Unit, "error", err)
-	}
+// finish waits for the console forwarder to deliver the machine's last lines, so they are in the
+// log before the exit is reported, then publishes the exit.
+func (h *taskHandle) finish(ctx context.Context, st *nspawn.UnitStatus, failure error) {
+	h.awaitConsole(ctx)
 	if ctx.Err() != nil {
 		return
 	}
-	tail := h.console.Tail()
+	tail := nspawn.ConsoleTail(h.journalctl, h.state.InvocationID, consoleTailLines)
 	res := &drivers.ExitResult{ExitCode: -1}
 	if st != nil {
 		// Only the console tells a guest PID 1 killed by a signal apart from exit status 1.
@@ -199,6 +191,25 @@ func (h *taskHandle) finish(ctx context.Context, stopFollow context.CancelFunc, 
 	h.completedAt = time.Now()
 	h.mu.Unlock()
 	close(h.doneCh)
+}
+
+// awaitConsole waits until the forwarder unit ended; it ends by itself once it drained the
+// console of an ended machine.
+func (h *taskHandle) awaitConsole(ctx context.Context) {
+	unit := nspawn.ConsoleUnit(h.state.Machine)
+	deadline := time.Now().Add(consoleDrainWait)
+	for time.Now().Before(deadline) {
+		st, err := h.mgr.Status(ctx, unit)
+		if ctx.Err() != nil || (err == nil && !st.Running()) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(pollInterval):
+		}
+	}
+	h.logger.Warn("the console forwarder did not finish, the log may miss the last lines", "unit", unit)
 }
 
 func (h *taskHandle) result() *drivers.ExitResult {

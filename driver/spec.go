@@ -33,6 +33,7 @@ func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOpti
 		Machine:       machine,
 		Description:   fmt.Sprintf("Nomad task %s of allocation %s (job %s)", cfg.Name, cfg.AllocID, cfg.JobName),
 		Root:          filepath.Join(d.machineDir(machine), "root"),
+		ExitFile:      nspawn.ExitFilePath(d.machineDir(machine)),
 		Toplevel:      tc.Toplevel,
 		InitArgs:      tc.InitArgs,
 		UUID:          hex.EncodeToString(id[:16]),

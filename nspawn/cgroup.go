@@ -147,21 +147,60 @@ func readV1(base, path string) (Usage, error) {
 
 	acct := filepath.Join(base, "cpuacct", path)
 	total, err := readUint(filepath.Join(acct, "cpuacct.usage"))
-	if err != nil {
+	switch {
+	case err == nil:
+		u.CPUTotal = time.Duration(total)
+		st, err := readKeyValues(filepath.Join(acct, "cpuacct.stat"))
+		if err != nil {
+			return u, err
+		}
+		u.CPUUser = time.Duration(st["user"]) * time.Second / userHZ
+		u.CPUSystem = time.Duration(st["system"]) * time.Second / userHZ
+	case IsGone(err):
+		// systemd makes no per-unit cpuacct cgroup when cpu and cpuacct are mounted apart; the
+		// unit's live processes are the best measure left.
+		if u.CPUUser, u.CPUSystem, err = processCPU(memDir); err != nil {
+			return u, err
+		}
+		u.CPUTotal = u.CPUUser + u.CPUSystem
+	default:
 		return u, err
 	}
-	u.CPUTotal = time.Duration(total)
-	st, err := readKeyValues(filepath.Join(acct, "cpuacct.stat"))
-	if err != nil {
-		return u, err
-	}
-	u.CPUUser = time.Duration(st["user"]) * time.Second / userHZ
-	u.CPUSystem = time.Duration(st["system"]) * time.Second / userHZ
 	if cs, err := readKeyValues(filepath.Join(base, "cpu", path, "cpu.stat")); err == nil {
 		u.ThrottledPeriods = cs["nr_throttled"]
 		u.ThrottledTime = time.Duration(cs["throttled_time"])
 	}
 	return u, nil
+}
+
+// processCPU sums the user and system time of the processes in a cgroup tree.
+func processCPU(dir string) (user, system time.Duration, err error) {
+	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil // the cgroup went away while walking
+		}
+		for _, pid := range strings.Fields(string(b)) {
+			stat, err := os.ReadFile(filepath.Join("/proc", pid, "stat"))
+			if err != nil {
+				continue
+			}
+			// Fields after the command name, which may hold spaces, start after the last ')'.
+			f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+			if len(f) < 13 {
+				continue
+			}
+			ut, _ := strconv.ParseUint(f[11], 10, 64)
+			st, _ := strconv.ParseUint(f[12], 10, 64)
+			user += time.Duration(ut) * time.Second / userHZ
+			system += time.Duration(st) * time.Second / userHZ
+		}
+		return nil
+	})
+	return user, system, err
 }
 
 func readUint(path string) (uint64, error) {

@@ -8,32 +8,40 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
-	"sync"
+	"syscall"
+	"time"
+
+	sddbus "github.com/coreos/go-systemd/v22/dbus"
 )
 
-// consoleTail is how many recent console lines a Console keeps for error messages.
-const consoleTail = 20
+// ConsoleCommand is the argument that makes the plugin binary run as a console forwarder.
+const ConsoleCommand = "console"
 
-// Console forwards a unit's console output from the journal to a writer (Nomad's log FIFO). The
-// unit writes to the journal, so the machine never blocks on a missing reader; the forwarder
-// stores the journal cursor of every burst it delivered, so a restarted plugin resumes where the
-// last one stopped instead of losing or repeating lines.
+// drainTimeout bounds how long a forwarder tries to deliver the last lines of an ended machine.
+const drainTimeout = 30 * time.Second
+
+// Console forwards a machine unit's console from the journal to Nomad's log FIFO. It runs as a
+// transient unit of its own: Nomad's log reader stops for good once the last writer of its FIFO
+// closes, so the writer must outlive plugin restarts. The machine writes to the journal and never
+// blocks on a missing reader; the forwarder keeps its journal cursor in a file, so a forwarder
+// restarted by systemd resumes where the last one stopped.
 type Console struct {
 	Journalctl string
 	Unit       string
 	CursorFile string
-	// Open opens the destination; it is called again after a write fails (a restarted reader).
-	Open func() (io.WriteCloser, error)
-
-	mu   sync.Mutex
-	tail []string
+	FIFO       string
 }
+
+// ConsoleUnit is the name of the forwarder unit of a machine.
+func ConsoleUnit(machine string) string { return machine + "-console.service" }
 
 // StartCursor stores the journal's current end as the place to forward from, so a unit that
 // reuses a name does not replay the lines of an earlier run. Call it before starting the unit.
@@ -59,32 +67,78 @@ func writeCursor(file, cursor string) error {
 	return os.Rename(tmp, file)
 }
 
-func (c *Console) cursor() (string, error) {
-	b, err := os.ReadFile(c.CursorFile)
-	if err != nil {
-		return "", fmt.Errorf("console cursor of %s: %w", c.Unit, err)
+// UnitProperties are the properties of the forwarder's transient unit; self is this binary.
+func (c *Console) UnitProperties(self string) []sddbus.Property {
+	return []sddbus.Property{
+		sddbus.PropDescription("Console of " + c.Unit),
+		sddbus.PropExecStart([]string{self, ConsoleCommand,
+			"-journalctl", c.Journalctl, "-unit", c.Unit, "-cursor", c.CursorFile, "-fifo", c.FIFO}, true),
+		sddbus.PropType("exec"),
+		prop("Restart", "on-failure"),
+		prop("RestartUSec", uint64(time.Second.Microseconds())),
+		prop("StandardInput", "null"),
+		prop("StandardOutput", "journal"),
 	}
-	return strings.TrimSpace(string(b)), nil
 }
 
-// Tail returns the last console lines seen.
-func (c *Console) Tail() []string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]string(nil), c.tail...)
+// ConsoleMain runs a forwarder from command line arguments and returns the exit status.
+func ConsoleMain(args []string) int {
+	fs := flag.NewFlagSet(ConsoleCommand, flag.ContinueOnError)
+	var c Console
+	fs.StringVar(&c.Journalctl, "journalctl", "", "journalctl binary")
+	fs.StringVar(&c.Unit, "unit", "", "machine unit whose console to forward")
+	fs.StringVar(&c.CursorFile, "cursor", "", "file holding the journal cursor")
+	fs.StringVar(&c.FIFO, "fifo", "", "Nomad's log FIFO")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := c.Run(ctx, NewManager()); err != nil {
+		fmt.Fprintln(os.Stderr, "console forwarder:", err)
+		return 1
+	}
+	return 0
 }
 
-// Follow forwards lines until ctx ends. It returns nil on ctx's end.
-func (c *Console) Follow(ctx context.Context) error {
-	return c.forward(ctx, true)
-}
+// Run forwards until the machine unit ended, then delivers what is left and returns.
+func (c *Console) Run(ctx context.Context, mgr *Manager) error {
+	w, err := openFIFO(ctx, c.FIFO)
+	if err != nil {
+		return err
+	}
+	defer w.Close()
 
-// Drain forwards what the journal holds for the unit now, then returns. Call it after the unit
-// ended so its last lines reach the log before the exit is reported.
-func (c *Console) Drain(ctx context.Context) error {
+	followCtx, stopFollow := context.WithCancel(ctx)
+	followed := make(chan error, 1)
+	go func() { followed <- c.forward(followCtx, w, true) }()
+	for ended := false; !ended; {
+		select {
+		case <-ctx.Done():
+			stopFollow()
+			<-followed
+			return nil
+		case err := <-followed:
+			stopFollow()
+			if err != nil {
+				return err
+			}
+			ended = true
+		case <-time.After(250 * time.Millisecond):
+			st, err := mgr.Status(ctx, c.Unit)
+			if err == nil && !st.Running() {
+				ended = true
+				stopFollow()
+				<-followed
+			}
+		}
+	}
+	drainCtx, cancel := context.WithTimeout(context.Background(), drainTimeout)
+	defer cancel()
+	w.ctx = drainCtx
 	// Lines nspawn wrote just before exiting may still sit in journald's stream buffers.
-	_ = exec.CommandContext(ctx, c.Journalctl, "--sync").Run()
-	return c.forward(ctx, false)
+	_ = exec.CommandContext(drainCtx, c.Journalctl, "--sync").Run()
+	return c.forward(drainCtx, w, false)
 }
 
 type journalEntry struct {
@@ -92,11 +146,12 @@ type journalEntry struct {
 	Message json.RawMessage `json:"MESSAGE"`
 }
 
-func (c *Console) forward(ctx context.Context, follow bool) error {
-	cursor, err := c.cursor()
+func (c *Console) forward(ctx context.Context, w *fifoWriter, follow bool) error {
+	b, err := os.ReadFile(c.CursorFile)
 	if err != nil {
-		return err
+		return fmt.Errorf("console cursor of %s: %w", c.Unit, err)
 	}
+	cursor := strings.TrimSpace(string(b))
 	args := []string{"--output=json", "--no-pager", "--quiet", "_SYSTEMD_UNIT=" + c.Unit}
 	if follow {
 		args = append(args, "--follow")
@@ -116,22 +171,16 @@ func (c *Console) forward(ctx context.Context, follow bool) error {
 	}
 	defer func() { _ = cmd.Wait() }()
 
-	w, err := c.Open()
-	if err != nil {
-		_ = cmd.Process.Kill()
-		return err
-	}
-	defer func() { w.Close() }()
-
 	r := bufio.NewReaderSize(out, 64*1024)
 	for {
 		line, err := r.ReadBytes('\n')
 		if len(line) > 0 {
 			var e journalEntry
-			if jerr := json.Unmarshal(line, &e); jerr == nil && e.Cursor != "" {
-				msg := message(e.Message)
-				if werr := c.write(&w, msg); werr != nil {
-					_ = cmd.Process.Kill()
+			if json.Unmarshal(line, &e) == nil && e.Cursor != "" {
+				if _, werr := w.Write([]byte(message(e.Message) + "\n")); werr != nil {
+					if ctx.Err() != nil {
+						return nil
+					}
 					return werr
 				}
 				cursor = e.Cursor
@@ -155,36 +204,15 @@ func (c *Console) forward(ctx context.Context, follow bool) error {
 	}
 }
 
-func (c *Console) write(w *io.WriteCloser, msg string) error {
-	c.mu.Lock()
-	c.tail = append(c.tail, msg)
-	if len(c.tail) > consoleTail {
-		c.tail = c.tail[len(c.tail)-consoleTail:]
-	}
-	c.mu.Unlock()
-	data := []byte(msg + "\n")
-	if _, err := (*w).Write(data); err == nil {
-		return nil
-	}
-	(*w).Close()
-	nw, err := c.Open()
-	if err != nil {
-		return err
-	}
-	*w = nw
-	_, err = nw.Write(data)
-	return err
-}
-
 // message decodes MESSAGE, which the journal gives as a string, or as a byte array when it is
-// not valid UTF-8.
+// not valid UTF-8. The console is a terminal, so lines end in \r\n.
 func message(raw json.RawMessage) string {
 	var s string
 	if json.Unmarshal(raw, &s) == nil {
 		return strings.TrimRight(s, "\r")
 	}
-	var b []byte
 	var ints []int
+	var b []byte
 	if json.Unmarshal(raw, &ints) == nil {
 		for _, i := range ints {
 			b = append(b, byte(i))
@@ -193,5 +221,25 @@ func message(raw json.RawMessage) string {
 	return strings.TrimRight(string(b), "\r")
 }
 
+// ConsoleTail returns the last n console lines of one invocation of a unit.
+func ConsoleTail(journalctl, invocationID string, n int) []string {
+	if invocationID == "" {
+		return nil
+	}
+	out, err := exec.Command(journalctl, "--output=cat", "--no-pager", "--quiet",
+		fmt.Sprintf("--lines=%d", n), "_SYSTEMD_INVOCATION_ID="+invocationID).Output()
+	if err != nil {
+		return nil
+	}
+	var lines []string
+	for _, l := range strings.Split(strings.TrimRight(string(out), "\n"), "\n") {
+		lines = append(lines, strings.TrimRight(l, "\r"))
+	}
+	return lines
+}
+
 // CursorPath is where the console cursor of a machine lives, beside its root.
 func CursorPath(machineDir string) string { return filepath.Join(machineDir, "console.cursor") }
+
+// ExitFilePath is where a machine's unit records its exit, beside its root.
+func ExitFilePath(machineDir string) string { return filepath.Join(machineDir, "exit") }

@@ -9,10 +9,15 @@ import (
 	"fmt"
 	"io"
 	"os/exec"
+	"strconv"
 	"sync"
+	"time"
 
 	"github.com/creack/pty"
 )
+
+// ttyDrain is how long a TTY session reads output left behind by its ended command.
+const ttyDrain = 100 * time.Millisecond
 
 // TerminalSize is a TTY's size in character cells.
 type TerminalSize struct {
@@ -30,25 +35,32 @@ type ExecOptions struct {
 	Resize <-chan TerminalSize
 }
 
-// Exec runs a command in the machine as a transient service of the guest's own systemd (through
-// machined), so it gets the guest's credentials, cgroup, seccomp filter and capabilities, not the
-// host's. It returns the command's exit status.
-func Exec(ctx context.Context, systemdRun, machine string, o ExecOptions) (int, error) {
+// ExecTools are the host programs exec uses.
+type ExecTools struct {
+	SystemdRun string
+	Nsenter    string
+}
+
+// guestPath covers NixOS and FHS guests.
+const guestPath = "/run/wrappers/bin:/run/current-system/sw/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// Exec runs a command in the machine and returns its exit status. Without a TTY it runs as a
+// transient service of the guest's own systemd (through machined), so it gets the guest's
+// cgroup, credentials, seccomp filter and capabilities. With a TTY it enters the namespaces of the
+// guest's PID 1 instead: machined's PTY forwarding (systemd-run --pty -M) passes no input into a
+// machine with a user namespace.
+func Exec(ctx context.Context, tools ExecTools, machine string, leader int, o ExecOptions) (int, error) {
 	if len(o.Command) == 0 {
 		return 0, errors.New("exec needs a command")
 	}
-	args := []string{"--machine=" + machine, "--quiet", "--wait", "--collect", "--service-type=exec"}
 	if o.Tty {
-		args = append(args, "--pty")
-	} else {
-		args = append(args, "--pipe")
-	}
-	args = append(args, "--")
-	args = append(args, o.Command...)
-	cmd := exec.CommandContext(ctx, systemdRun, args...)
-	if o.Tty {
+		args := []string{"--target", strconv.Itoa(leader), "--all", "--"}
+		cmd := exec.CommandContext(ctx, tools.Nsenter, append(args, o.Command...)...)
+		cmd.Env = []string{"PATH=" + guestPath, "HOME=/root", "TERM=xterm-256color", "container=systemd-nspawn"}
 		return execTTY(cmd, o)
 	}
+	args := []string{"--machine=" + machine, "--quiet", "--wait", "--collect", "--service-type=exec", "--pipe", "--"}
+	cmd := exec.CommandContext(ctx, tools.SystemdRun, append(args, o.Command...)...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = o.Stdin, o.Stdout, o.Stderr
 	return exitStatus(cmd.Run())
 }
@@ -94,6 +106,12 @@ func execTTY(cmd *exec.Cmd, o ExecOptions) (int, error) {
 		_, _ = io.Copy(o.Stdout, ptmx)
 	}()
 	err = cmd.Wait()
+	// Like docker exec -t, the session ends with its lead process: background children may keep
+	// the terminal open, so read only what is already there.
+	if derr := ptmx.SetReadDeadline(time.Now().Add(ttyDrain)); derr != nil {
+		time.Sleep(ttyDrain)
+		ptmx.Close()
+	}
 	copied.Wait()
 	return exitStatus(err)
 }

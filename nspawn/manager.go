@@ -100,13 +100,18 @@ func (m *Manager) Start(ctx context.Context, s *Spec) error {
 	if err != nil {
 		return err
 	}
+	return m.StartUnit(ctx, s.Unit(), props)
+}
+
+// StartUnit starts a transient unit, refusing to replace one of the same name, which would
+// belong to another task.
+func (m *Manager) StartUnit(ctx context.Context, unit string, props []sddbus.Property) error {
 	c, err := m.sd(ctx)
 	if err != nil {
 		return err
 	}
-	// "fail": never replace a unit of the same name, which would belong to another task.
-	if _, err := c.StartTransientUnitContext(ctx, s.Unit(), "fail", props, nil); err != nil {
-		return fmt.Errorf("starting unit %s: %w", s.Unit(), err)
+	if _, err := c.StartTransientUnitContext(ctx, unit, "fail", props, nil); err != nil {
+		return fmt.Errorf("starting unit %s: %w", unit, err)
 	}
 	return nil
 }

@@ -38,7 +38,9 @@ type Spec struct {
 	Machine     string
 	Description string
 	// Root is the machine's root directory; PrepareRoot creates it.
-	Root     string
+	Root string
+	// ExitFile receives the unit's result and exit status when nspawn ends (see UnitProperties).
+	ExitFile string
 	Toplevel string
 	InitArgs []string
 	// UUID becomes the guest's machine ID: derived from the task, so it is stable across restarts.
@@ -124,6 +126,9 @@ func (s *Spec) Args() []string {
 
 // Validate checks what the command line cannot express safely.
 func (s *Spec) Validate() error {
+	if strings.ContainsAny(s.ExitFile, "'\n\x00") || !filepath.IsAbs(s.ExitFile) {
+		return fmt.Errorf("exit file path %q must be absolute and contain no quote or control characters", s.ExitFile)
+	}
 	for _, b := range s.Binds {
 		for _, p := range []string{b.Source, b.Dest} {
 			if !filepath.IsAbs(p) || strings.ContainsAny(p, ":\\\n\x00") {

@@ -4,8 +4,12 @@
 package nspawn
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"regexp"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -95,4 +99,40 @@ func ExitOf(u UnitStatus, console []string) (Exit, error) {
 		}
 	}
 	return e, nil
+}
+
+// ReadExitFile reads the result the unit recorded when nspawn ended (see Spec.ExitFile), for a
+// unit systemd already unloaded. ok is false when nothing was recorded.
+func ReadExitFile(path string) (u UnitStatus, ok bool, err error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return u, false, nil
+	}
+	if err != nil {
+		return u, false, err
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 3 {
+		return u, false, fmt.Errorf("exit file %s: want \"RESULT CODE STATUS\", got %q", path, b)
+	}
+	// A unit that was unloaded ended with a stop, which only follows an active unit.
+	u = UnitStatus{LoadState: "recorded", ActiveState: "inactive", SubState: "dead", Result: f[0], EverActive: true}
+	switch f[1] {
+	case "exited":
+		u.ExecMainCode = cldExited
+	case "killed":
+		u.ExecMainCode = cldKilled
+	case "dumped":
+		u.ExecMainCode = cldDumped
+	default:
+		return u, false, fmt.Errorf("exit file %s: unknown exit code kind %q", path, f[1])
+	}
+	if n, err := strconv.Atoi(f[2]); err == nil {
+		u.ExecMainStatus = int32(n)
+	} else if sig := unix.SignalNum("SIG" + strings.TrimPrefix(f[2], "SIG")); sig != 0 {
+		u.ExecMainStatus = int32(sig)
+	} else {
+		return u, false, fmt.Errorf("exit file %s: unknown exit status %q", path, f[2])
+	}
+	return u, true, nil
 }

@@ -22,6 +22,12 @@ type deviceAllow struct {
 	Access string
 }
 
+type execCommand struct {
+	Path             string
+	Args             []string
+	UncleanIsFailure bool
+}
+
 type exitStatusSet struct {
 	Statuses []int32
 	Signals  []int32
@@ -44,9 +50,16 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		prop("KillMode", "mixed"),
 		prop("KillSignal", int32(syscall.SIGTERM)),
 		prop("TimeoutStopUSec", uint64(s.StopTimeout.Microseconds())),
-		// Keeps the unit, its ExecMainStatus and Result loaded after nspawn exits, so the exit
+		// Keeps a failed unit's ExecMainStatus and Result loaded after nspawn exits, so the exit
 		// status is still there for a plugin that was down when the machine ended.
 		sddbus.PropRemainAfterExit(true),
+		// A successful exit is not kept: nspawn sends STOPPING=1, which turns the end into a stop,
+		// and systemd unloads a stopped transient unit at once. So the unit writes its own result
+		// where the driver finds it. /bin/sh is on every systemd host, NixOS included.
+		prop("ExecStopPost", []execCommand{{
+			Path: "/bin/sh",
+			Args: []string{"/bin/sh", "-c", `printf '%s %s %s\n' "$SERVICE_RESULT" "$EXIT_CODE" "$EXIT_STATUS" >'` + s.ExitFile + `'`},
+		}}),
 		sddbus.PropSlice(s.Slice),
 		prop("MemoryAccounting", true),
 		prop("CPUAccounting", true),

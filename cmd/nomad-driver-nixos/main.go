@@ -5,12 +5,19 @@
 package main
 
 import (
+	"os"
+
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/nomad/plugins"
 
 	"github.com/nomad-nixos/nomad-driver-nixos/driver"
+	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
 func main() {
+	// Each machine's console forwarder is this binary too (see nspawn.Console).
+	if len(os.Args) > 1 && os.Args[1] == nspawn.ConsoleCommand {
+		os.Exit(nspawn.ConsoleMain(os.Args[2:]))
+	}
 	plugins.Serve(func(logger hclog.Logger) interface{} { return driver.NewDriver(logger) })
 }

@@ -100,10 +100,18 @@ ensure_rootfs() {
 	exec {lock_fd}>&-
 }
 
+# pid exists and is not a zombie (our own background child lingers as one until reaped).
+alive() {
+	local stat
+	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	stat=${stat##*) }
+	[[ ${stat%% *} != Z ]]
+}
+
 # pid is alive and its command name matches.
 pid_is() {
 	local pid=$1 comm=$2
-	[[ -n $pid && -r /proc/$pid/comm && $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]]
+	[[ -n $pid ]] && alive "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]]
 }
 
 nspawn_pid() { cat "$RUN_DIR/nspawn.pid" 2>/dev/null || true; }
@@ -147,9 +155,14 @@ boot() {
 		# Binds directly under /sys/fs/cgroup are hidden by nspawn's /sys mount.
 		args+=(--bind="/sys/fs/cgroup/$c/$CG_NAME:/run/hostcg/$c")
 	done
-	[[ -d /nix ]] || die "/nix is missing (nix-bin not installed?)"
+	# The fixtures' store appears inside even if it is populated after boot.
+	mkdir -p /nix
 	log "booting $MACHINE"
-	setsid systemd-nspawn "${args[@]}" </dev/null >"$RUN_DIR/console.log" 2>&1 &
+	(
+		# The container must not inherit (and so hold forever) the up/down lock.
+		if [[ -n ${LOCK_FD:-} ]]; then exec {LOCK_FD}>&-; fi
+		exec setsid systemd-nspawn "${args[@]}" </dev/null >"$RUN_DIR/console.log" 2>&1
+	) &
 	local npid=$!
 	echo "$npid" >"$RUN_DIR/nspawn.pid"
 
@@ -157,8 +170,8 @@ boot() {
 	local lpid="" i
 	for ((i = 0; i < 100; i++)); do
 		# comm reads "setsid" until the exec; only a vanished pid is fatal.
-		[[ -d /proc/$npid ]] || { tail -n 30 "$RUN_DIR/console.log" >&2; die "systemd-nspawn exited"; }
-		lpid=$(cat "/proc/$npid/task/$npid/children" 2>/dev/null | awk '{print $1}')
+		alive "$npid" || { tail -n 30 "$RUN_DIR/console.log" >&2; die "systemd-nspawn exited"; }
+		lpid=$(awk '{print $1}' "/proc/$npid/task/$npid/children" 2>/dev/null || true)
 		if pid_is "$lpid" systemd; then break; fi
 		lpid=""
 		sleep 0.1
@@ -242,6 +255,8 @@ cmd_down() {
 		if pid_is "$npid" systemd-nspawn; then
 			log "nspawn did not exit after 60s, killing"
 			kill -KILL "$npid" 2>/dev/null || true
+			# The container's PID namespace outlives a killed nspawn; killing its init ends it.
+			if pid_is "$(leader_pid)" systemd; then kill -KILL "$(leader_pid)" 2>/dev/null || true; fi
 			sleep 1
 		fi
 	fi
@@ -263,9 +278,21 @@ cmd_exec() {
 	exec nsenter -t "$(leader_pid)" -a env -i -C "$wd" "${envs[@]}" "$@"
 }
 
+# One up/down at a time (parallel test runs share one test host).
+lock() {
+	exec {LOCK_FD}>/run/nomad-driver-nixos-testhost.lock
+	flock "$LOCK_FD"
+}
+
 case ${1:-} in
-up) cmd_up ;;
-down) cmd_down ;;
+up)
+	lock
+	cmd_up
+	;;
+down)
+	lock
+	cmd_down
+	;;
 status) is_ready ;;
 rootfs)
 	ensure_packages

@@ -1,12 +1,11 @@
 // Copyright (c) The nomad-driver-nixos authors
 // SPDX-License-Identifier: MPL-2.0
 
-package driver
+package nspawn
 
 import (
 	"context"
 	"errors"
-	"io"
 	"os"
 	"syscall"
 	"time"
@@ -15,9 +14,9 @@ import (
 // fifoRetry is how long a writer waits before trying a full or reader-less FIFO again.
 const fifoRetry = 10 * time.Millisecond
 
-// openFIFO opens Nomad's log FIFO for writing without ever blocking past ctx: the reader (logmon)
-// may be restarting, and a blocked open or write would stall exit reporting.
-func openFIFO(ctx context.Context, path string) (io.WriteCloser, error) {
+// openFIFO opens Nomad's log FIFO for writing without ever blocking past ctx: the reader may not
+// be there yet, and a blocked open or write would keep a forwarder from ever ending.
+func openFIFO(ctx context.Context, path string) (*fifoWriter, error) {
 	for {
 		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NONBLOCK, 0)
 		if err == nil {
@@ -34,6 +33,7 @@ func openFIFO(ctx context.Context, path string) (io.WriteCloser, error) {
 	}
 }
 
+// fifoWriter writes to a FIFO until its context ends; the context may be replaced between writes.
 type fifoWriter struct {
 	ctx context.Context
 	f   *os.File

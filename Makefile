@@ -1,0 +1,48 @@
+# nomad-driver-nixos
+SHELL := /bin/bash
+GO ?= go
+BUILD := build
+PLUGIN := $(BUILD)/nomad-driver-nixos
+TESTHOST := e2e/testhost/testhost.sh
+FIXTURES_ENV := $(or $(NIXOS_NSPAWN_CACHE),/var/cache/nomad-driver-nixos)/fixtures.env
+# Packages that hold test binaries run inside the systemd test host.
+INTEGRATION_PKGS := driver
+
+.PHONY: all build lint unit integration test testhost-down clean
+
+all: build
+
+# A static binary: NixOS hosts have no /lib64/ld-linux-x86-64.so.2.
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(PLUGIN) ./cmd/nomad-driver-nixos
+
+lint:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "not gofmt-formatted:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) vet -tags integration ./...
+
+# Pure logic; runs anywhere.
+unit:
+	$(GO) test -count=1 ./...
+
+# Everything that needs systemd, machined and nspawn runs inside a booted systemd test host.
+integration: build
+	$(TESTHOST) up
+	e2e/fixtures/build.sh
+	@for p in $(INTEGRATION_PKGS); do \
+		CGO_ENABLED=0 $(GO) test -c -tags integration -o $(BUILD)/$$p.integration.test ./$$p || exit 1; \
+	done
+	@set -a; . $(FIXTURES_ENV); set +a; \
+	for p in $(INTEGRATION_PKGS); do \
+		echo "== integration tests of $$p (in the systemd test host)"; \
+		$(TESTHOST) exec $(CURDIR)/$(BUILD)/$$p.integration.test -test.v -test.count=1 -test.timeout=30m || exit 1; \
+	done
+
+test: lint unit integration
+
+testhost-down:
+	$(TESTHOST) down
+
+clean: testhost-down
+	rm -rf $(BUILD)

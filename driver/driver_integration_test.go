@@ -1,0 +1,352 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+//go:build integration
+
+package driver
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/nomad/plugins/drivers"
+	dtestutil "github.com/hashicorp/nomad/plugins/drivers/testutils"
+	"github.com/shoenig/test/must"
+	"github.com/shoenig/test/wait"
+
+	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
+)
+
+func TestExitCodes(t *testing.T) {
+	td := newTestDriver(t, "")
+	for _, code := range []int{0, 3} {
+		t.Run(fmt.Sprint(code), func(t *testing.T) {
+			cfg := td.newTask(t, fmt.Sprintf("exit%d", code), tinyToplevel(t), []string{fmt.Sprintf("exit=%d", code), "sleep=500ms"})
+			td.start(t, cfg)
+			res := td.waitExit(t, cfg.ID, time.Minute)
+			must.NoError(t, res.Err)
+			must.Eq(t, code, res.ExitCode)
+			must.Eq(t, 0, res.Signal)
+			waitLog(t, cfg, "tinyinit: ready", 5*time.Second)
+		})
+	}
+	t.Run("42 from systemctl exit in a systemd guest", func(t *testing.T) {
+		cfg := td.newTask(t, "exit42", systemdToplevel(t), []string{"systemd.wants=exit42.service"})
+		td.start(t, cfg)
+		res := td.waitExit(t, cfg.ID, 2*time.Minute)
+		must.NoError(t, res.Err)
+		must.Eq(t, 42, res.ExitCode)
+	})
+	t.Run("reboot is exit 133 by default", func(t *testing.T) {
+		cfg := td.newTask(t, "reboot", tinyToplevel(t), []string{"reboot", "exit=0"})
+		td.start(t, cfg)
+		res := td.waitExit(t, cfg.ID, time.Minute)
+		must.Eq(t, nspawn.ExitReboot, res.ExitCode)
+	})
+}
+
+// The community nspawn driver's most reported bug: a machine that ends at once loses its exit
+// code and output.
+func TestMachineThatExitsAtOnce(t *testing.T) {
+	td := newTestDriver(t, "")
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"after ready", []string{"print=fast-output", "exit=5"}},
+		{"before ready", []string{"ready=no", "print=fast-output", "exit=5"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := td.newTask(t, "fast", tinyToplevel(t), tc.args)
+			td.start(t, cfg)
+			res := td.waitExit(t, cfg.ID, time.Minute)
+			must.NoError(t, res.Err)
+			must.Eq(t, 5, res.ExitCode)
+			// The exit is reported only after the console was drained into Nomad's log pipe;
+			// logmon writes the file a moment later.
+			waitLog(t, cfg, "fast-output", 5*time.Second)
+		})
+	}
+}
+
+func TestReadyEventAndTimeout(t *testing.T) {
+	td := newTestDriver(t, "")
+	events, err := td.TaskEvents(context.Background())
+	must.NoError(t, err)
+
+	ready := td.newTask(t, "ready", tinyToplevel(t), nil)
+	td.start(t, ready)
+	waitEvent(t, events, ready.ID, "ready", 30*time.Second)
+
+	never := td.newTask(t, "never", tinyToplevel(t), []string{"ready=no", "print=last-words"}, withReadyTimeout("2s"))
+	td.start(t, never)
+	res := td.waitExit(t, never.ID, time.Minute)
+	must.Error(t, res.Err)
+	must.StrContains(t, res.Err.Error(), "did not get ready within ready_timeout (2s)")
+	must.StrContains(t, res.Err.Error(), "last-words")
+}
+
+func TestStop(t *testing.T) {
+	td := newTestDriver(t, "")
+	t.Run("orderly shutdown of a systemd guest", func(t *testing.T) {
+		cfg := td.newTask(t, "stopsd", systemdToplevel(t), nil)
+		td.start(t, cfg)
+		waitLog(t, cfg, "longrun: started", 2*time.Minute)
+		must.NoError(t, td.StopTask(cfg.ID, time.Minute, ""))
+		res := td.waitExit(t, cfg.ID, time.Minute)
+		must.NoError(t, res.Err)
+		must.Eq(t, 0, res.ExitCode)
+		must.Eq(t, 0, res.Signal)
+	})
+	t.Run("a guest that ignores the signal is killed after the timeout", func(t *testing.T) {
+		cfg := td.newTask(t, "stubborn", tinyToplevel(t), []string{"ignore-stop"})
+		td.start(t, cfg)
+		waitLog(t, cfg, "tinyinit: ready", 30*time.Second)
+		must.NoError(t, td.StopTask(cfg.ID, 2*time.Second, ""))
+		res := td.waitExit(t, cfg.ID, time.Minute)
+		must.Eq(t, int(syscall.SIGKILL), res.Signal)
+		must.Eq(t, 128+int(syscall.SIGKILL), res.ExitCode)
+		waitLog(t, cfg, "tinyinit: ignoring stop", 5*time.Second)
+	})
+}
+
+func TestOOMKilled(t *testing.T) {
+	td := newTestDriver(t, "")
+	cfg := td.newTask(t, "oom", systemdToplevel(t), []string{"systemd.wants=hog.service"}, withMemory(128))
+	td.start(t, cfg)
+	res := td.waitExit(t, cfg.ID, 2*time.Minute)
+	must.NoError(t, res.Err)
+	must.True(t, res.OOMKilled, must.Sprintf("exit %+v", res))
+	must.Eq(t, 137, res.ExitCode)
+}
+
+func TestStatsSignalExec(t *testing.T) {
+	td := newTestDriver(t, "")
+	cfg := td.newTask(t, "busy", systemdToplevel(t), nil)
+	td.start(t, cfg)
+	waitLog(t, cfg, "longrun: started", 2*time.Minute)
+
+	t.Run("stats", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		// Burn CPU inside the machine while sampling.
+		go func() {
+			_, _ = td.ExecTask(cfg.ID, []string{"/usr/bin/timeout", "8", "/bin/sh", "-c", "while :; do :; done"}, 20*time.Second)
+		}()
+		stats, err := td.TaskStats(ctx, cfg.ID, 500*time.Millisecond)
+		must.NoError(t, err)
+		var sawCPU, sawMem bool
+		deadline := time.After(15 * time.Second)
+		for !(sawCPU && sawMem) {
+			select {
+			case s := <-stats:
+				must.NotNil(t, s)
+				mem, cpu := s.ResourceUsage.MemoryStats, s.ResourceUsage.CpuStats
+				sawMem = sawMem || (mem.Usage > 0 && mem.RSS > 0)
+				sawCPU = sawCPU || (cpu.Percent > 0 && cpu.TotalTicks > 0 && cpu.UserMode+cpu.SystemMode > 0)
+			case <-deadline:
+				t.Fatalf("no sample with CPU and memory use (cpu %v, memory %v)", sawCPU, sawMem)
+			}
+		}
+	})
+
+	t.Run("exec", func(t *testing.T) {
+		res, err := td.ExecTask(cfg.ID, []string{"/bin/sh", "-c", "echo out; echo err >&2; exit 3"}, 30*time.Second)
+		must.NoError(t, err)
+		must.Eq(t, 3, res.ExitResult.ExitCode)
+		must.Eq(t, "out\n", string(res.Stdout))
+		must.Eq(t, "err\n", string(res.Stderr))
+		// Runs inside the guest: its PID 1 is the guest's systemd.
+		res, err = td.ExecTask(cfg.ID, []string{"/bin/cat", "/proc/1/comm"}, 30*time.Second)
+		must.NoError(t, err)
+		must.Eq(t, "systemd\n", string(res.Stdout))
+	})
+
+	t.Run("exec streaming with and without TTY", func(t *testing.T) {
+		dtestutil.TestExecTaskStreamingBasicResponses(t, td.DriverHarness, cfg.ID)
+	})
+
+	t.Run("environment file for guest services", func(t *testing.T) {
+		waitLog(t, cfg, "envcheck: NOMAD_TASK_NAME=busy", 30*time.Second)
+	})
+
+	t.Run("limits on the unit", func(t *testing.T) {
+		out := run(t, "systemctl", "show", "-p", "MemoryMax", "-p", "CPUWeight", "-p", "TasksMax", "-p", "Delegate", "-p", "KillMode", nspawn.UnitName(mustMachine(t, cfg)))
+		must.StrContains(t, out, fmt.Sprintf("MemoryMax=%d", 256<<20))
+		must.StrContains(t, out, fmt.Sprintf("CPUWeight=%d", cpuWeight(100)))
+		must.StrContains(t, out, fmt.Sprintf("TasksMax=%d", defaultTasksMax))
+		must.StrContains(t, out, "KillMode=mixed")
+	})
+}
+
+func mustMachine(t *testing.T, cfg *drivers.TaskConfig) string {
+	t.Helper()
+	m, err := nspawn.MachineName(cfg.AllocID, cfg.Name)
+	must.NoError(t, err)
+	return m
+}
+
+func TestSignalReachesGuestPID1(t *testing.T) {
+	td := newTestDriver(t, "")
+	cfg := td.newTask(t, "sig", tinyToplevel(t), nil)
+	td.start(t, cfg)
+	waitLog(t, cfg, "tinyinit: ready", 30*time.Second)
+	must.NoError(t, td.SignalTask(cfg.ID, "SIGUSR1"))
+	waitLog(t, cfg, "tinyinit: got signal SIGUSR1", 10*time.Second)
+	must.Error(t, td.SignalTask(cfg.ID, "SIGNOPE"))
+}
+
+func TestDirsAndEnvironment(t *testing.T) {
+	td := newTestDriver(t, "")
+	cfg := td.newTask(t, "dirs", tinyToplevel(t), []string{"files", "env=NOMAD_TASK_NAME", "env=NOMAD_ALLOC_DIR", "exit=0"})
+	td.start(t, cfg)
+	res := td.waitExit(t, cfg.ID, time.Minute)
+	must.Eq(t, 0, res.ExitCode)
+	waitLog(t, cfg, "tinyinit env NOMAD_ALLOC_DIR", 5*time.Second)
+	out := logs(t, cfg)
+	must.StrContains(t, out, "tinyinit: alloc=yes local=yes secrets=yes")
+	must.StrContains(t, out, "tinyinit: store-ro=yes")
+	must.StrContains(t, out, "tinyinit env NOMAD_TASK_NAME=dirs")
+	must.StrContains(t, out, "tinyinit env NOMAD_ALLOC_DIR=/alloc")
+	env, err := os.ReadFile(filepath.Join(cfg.TaskDir().SecretsDir, envFileName))
+	must.NoError(t, err)
+	must.StrContains(t, string(env), `NOMAD_TASK_NAME="dirs"`)
+}
+
+// A plugin that dies and comes back re-attaches to the running machine, and a later exit, or one
+// that happened while it was down, is reported exactly, with the console neither lost nor repeated.
+func TestRecoverAfterPluginRestart(t *testing.T) {
+	dataDir := t.TempDir()
+	for _, tc := range []struct {
+		name     string
+		downtime time.Duration
+	}{
+		{"exit after recovery", 0},
+		{"exit while the plugin is down", 4 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			td := newTestDriver(t, dataDir)
+			cfg := td.newTask(t, "recover", tinyToplevel(t), []string{"exit=9", "sleep=3s"})
+			handle, _, err := td.StartTask(cfg)
+			must.NoError(t, err)
+			waitLog(t, cfg, "tinyinit: ready", 30*time.Second)
+			leader, err := td.d.mgr.Leader(mustMachine(t, cfg))
+			must.NoError(t, err)
+
+			td.d.Shutdown()
+			td.Kill()
+			// Console output while no plugin runs must still reach the log.
+			must.NoError(t, syscall.Kill(leader, syscall.SIGUSR1))
+			time.Sleep(tc.downtime)
+
+			td2 := newTestDriver(t, dataDir)
+			must.NoError(t, td2.RecoverTask(handle))
+			t.Cleanup(func() { _ = td2.d.DestroyTask(cfg.ID, true) })
+			res := td2.waitExit(t, cfg.ID, time.Minute)
+			must.NoError(t, res.Err)
+			must.Eq(t, 9, res.ExitCode)
+			waitLog(t, cfg, "tinyinit: got signal SIGUSR1", 5*time.Second)
+			out := logs(t, cfg)
+			must.Eq(t, 1, strings.Count(out, "tinyinit: started"), must.Sprintf("log:\n%s", out))
+			must.Eq(t, 1, strings.Count(out, "tinyinit: got signal SIGUSR1"), must.Sprintf("log:\n%s", out))
+		})
+	}
+}
+
+func TestDestroyWithoutState(t *testing.T) {
+	dataDir := t.TempDir()
+	td := newTestDriver(t, dataDir)
+	cfg := td.newTask(t, "orphan", tinyToplevel(t), nil)
+	_, _, err := td.StartTask(cfg)
+	must.NoError(t, err)
+	waitLog(t, cfg, "tinyinit: ready", 30*time.Second)
+	must.SliceNotEmpty(t, inventory(t, dataDir))
+
+	td.d.Shutdown()
+	td.Kill()
+	fresh := newTestDriver(t, dataDir)
+	must.NoError(t, fresh.d.DestroyTask(cfg.ID, true))
+	must.SliceEmpty(t, inventory(t, dataDir))
+}
+
+func TestFingerprint(t *testing.T) {
+	t.Run("healthy", func(t *testing.T) {
+		td := newTestDriver(t, "")
+		fp := firstFingerprint(t, td)
+		must.Eq(t, drivers.HealthStateHealthy, fp.Health, must.Sprint(fp.HealthDescription))
+		for _, attr := range []string{"version", "systemd_version", "cgroup_mode", "machined"} {
+			_, ok := fp.Attributes[attrPrefix+attr]
+			must.True(t, ok, must.Sprintf("missing attribute %s", attr))
+		}
+	})
+	t.Run("unhealthy without nspawn", func(t *testing.T) {
+		td := newTestDriver(t, "", func(c *PluginConfig) { c.NspawnPath = "/nonexistent/systemd-nspawn" })
+		fp := firstFingerprint(t, td)
+		must.Eq(t, drivers.HealthStateUnhealthy, fp.Health)
+		must.StrContains(t, fp.HealthDescription, "nspawn_path: no executable at /nonexistent/systemd-nspawn")
+	})
+}
+
+func firstFingerprint(t *testing.T, td *testDriver) *drivers.Fingerprint {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ch, err := td.Fingerprint(ctx)
+	must.NoError(t, err)
+	select {
+	case fp := <-ch:
+		return fp
+	case <-time.After(10 * time.Second):
+		t.Fatal("no fingerprint within 10s")
+		return nil
+	}
+}
+
+func TestBadConfigLeavesNothing(t *testing.T) {
+	dataDir := t.TempDir()
+	td := newTestDriver(t, dataDir)
+	for _, tc := range []struct {
+		name, toplevel, want string
+		args                 []string
+	}{
+		{"not a store path", "/etc", `toplevel = "/etc": must be a Nix store path`, nil},
+		{"missing", "/nix/store/00000000000000000000000000000000-nixos-system-gone", "no such store path", nil},
+		{"has a kernel", "", "has a kernel", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			toplevel := tc.toplevel
+			if toplevel == "" {
+				toplevel = fixture(t, "NIXOS_NSPAWN_KERNEL_TOPLEVEL")
+			}
+			cfg := td.newTask(t, "bad", toplevel, tc.args)
+			_, _, err := td.StartTask(cfg)
+			must.ErrorContains(t, err, tc.want)
+			must.SliceEmpty(t, inventory(t, dataDir))
+		})
+	}
+}
+
+// Start and destroy machines over and over: nothing may pile up.
+func TestCyclesLeaveNothing(t *testing.T) {
+	dataDir := t.TempDir()
+	td := newTestDriver(t, dataDir)
+	for i := 0; i < 20; i++ {
+		cfg := td.newTask(t, fmt.Sprintf("cycle%d", i), tinyToplevel(t), nil)
+		_, _, err := td.StartTask(cfg)
+		must.NoError(t, err)
+		must.NoError(t, td.StopTask(cfg.ID, 10*time.Second, ""))
+		res := td.waitExit(t, cfg.ID, 30*time.Second)
+		must.Eq(t, 0, res.ExitCode)
+		must.NoError(t, td.DestroyTask(cfg.ID, true))
+	}
+	must.Wait(t, wait.InitialSuccess(
+		wait.BoolFunc(func() bool { return len(inventory(t, dataDir)) == 0 }),
+		wait.Timeout(10*time.Second), wait.Gap(200*time.Millisecond),
+	), must.Sprintf("left behind: %v", inventory(t, dataDir)))
+}
