@@ -226,7 +226,7 @@ func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspa
 		return nspawn.UnitStatus{}, err
 	}
 	if cfg.TaskDir() != nil && cfg.TaskDir().SecretsDir != "" {
-		skipped, err := nspawn.WriteEnvFile(filepath.Join(cfg.TaskDir().SecretsDir, envFileName), cfg.Env)
+		skipped, err := nspawn.WriteEnvFile(filepath.Join(cfg.TaskDir().SecretsDir, envFileName), spec.Env)
 		if err != nil {
 			return nspawn.UnitStatus{}, fmt.Errorf("writing the task environment file: %w", err)
 		}

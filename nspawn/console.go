@@ -110,6 +110,7 @@ func (c *Console) Run(ctx context.Context, mgr *Manager) error {
 	defer w.Close()
 
 	followCtx, stopFollow := context.WithCancel(ctx)
+	defer stopFollow()
 	followed := make(chan error, 1)
 	go func() { followed <- c.forward(followCtx, w, true) }()
 	for ended := false; !ended; {
@@ -229,6 +230,9 @@ func ConsoleTail(journalctl, invocationID string, n int) []string {
 	out, err := exec.Command(journalctl, "--output=cat", "--no-pager", "--quiet",
 		fmt.Sprintf("--lines=%d", n), "_SYSTEMD_INVOCATION_ID="+invocationID).Output()
 	if err != nil {
+		return nil
+	}
+	if len(out) == 0 {
 		return nil
 	}
 	var lines []string

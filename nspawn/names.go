@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"regexp"
 	"strings"
 )
 
@@ -28,7 +29,9 @@ func MachineName(allocID, taskName string) (string, error) {
 	// A lossy sanitisation or truncation could map two task names to one machine name; a short
 	// hash of the original keeps them apart.
 	room := maxMachineName - len(NamePrefix) - 8 - 1
-	if task != taskName || len(task) > room || task == "" {
+	// A name that already ends like a hash suffix gets one too, or "Web!" and "web-95a2bd"
+	// would both become "web-95a2bd".
+	if task != taskName || len(task) > room || task == "" || hashSuffix.MatchString(task) {
 		sum := sha256.Sum256([]byte(taskName))
 		suffix := hex.EncodeToString(sum[:3])
 		if len(task) > room-len(suffix)-1 {
@@ -42,6 +45,8 @@ func MachineName(allocID, taskName string) (string, error) {
 	}
 	return NamePrefix + alloc[:8] + "-" + task, nil
 }
+
+var hashSuffix = regexp.MustCompile(`-[0-9a-f]{6}$`)
 
 // UnitName is the transient service unit that runs a machine.
 func UnitName(machine string) string {

@@ -126,8 +126,9 @@ func (s *Spec) Args() []string {
 
 // Validate checks what the command line cannot express safely.
 func (s *Spec) Validate() error {
-	if strings.ContainsAny(s.ExitFile, "'\n\x00") || !filepath.IsAbs(s.ExitFile) {
-		return fmt.Errorf("exit file path %q must be absolute and contain no quote or control characters", s.ExitFile)
+	// The exit file path ends up in a shell command that systemd expands $ in first.
+	if strings.ContainsAny(s.ExitFile, "'$\n\x00") || !filepath.IsAbs(s.ExitFile) {
+		return fmt.Errorf("exit file path %q must be absolute and contain no quote, '$' or control characters", s.ExitFile)
 	}
 	for _, b := range s.Binds {
 		for _, p := range []string{b.Source, b.Dest} {

@@ -77,8 +77,10 @@ func ExitOf(u UnitStatus, console []string) (Exit, error) {
 		e.Signal = int(u.ExecMainStatus)
 		e.Code = 128 + e.Signal
 	default:
-		if u.Result == "success" || u.Result == "" {
-			return e, fmt.Errorf("unit %s ended (%s) without an exit status", u.Description, u.Result)
+		// Only a start timeout may end without nspawn's status; anything else (systemd could not
+		// spawn nspawn, a start limit) never ran the machine and must not look like exit 0.
+		if u.Result != "timeout" || u.EverActive {
+			return e, fmt.Errorf("unit %s ended (result %q) without an exit status", u.Description, u.Result)
 		}
 	}
 	switch u.Result {

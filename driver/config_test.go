@@ -1,0 +1,326 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package driver
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/nomad/helper/pluginutils/hclutils"
+	"github.com/shoenig/test/must"
+
+	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
+)
+
+// A store path of the right shape that does not exist on any host.
+const absentToplevel = "/nix/store/0c7hkqjx3pb2xvdm0ncvb8hgxwqbb1ps-nixos-system-web-25.05"
+
+func validPluginConfig() PluginConfig {
+	return PluginConfig{
+		Enabled:        true,
+		DataDir:        "/var/lib/nomad-driver-nixos",
+		NspawnPath:     "/run/current-system/sw/bin/systemd-nspawn",
+		SystemdRunPath: "/run/current-system/sw/bin/systemd-run",
+		JournalctlPath: "/run/current-system/sw/bin/journalctl",
+		Slice:          "machine.slice",
+		TasksMax:       16384,
+	}
+}
+
+// mustNameField checks that an error names the field and shows the bad value.
+func mustNameField(t *testing.T, err error, field, value string) {
+	t.Helper()
+	must.Error(t, err)
+	must.StrContains(t, err.Error(), field)
+	must.StrContains(t, err.Error(), value)
+}
+
+func TestPluginConfigValidate_Errors(t *testing.T) {
+	cases := []struct {
+		name   string
+		mutate func(*PluginConfig)
+		field  string
+		value  string
+	}{
+		{"relative data_dir", func(c *PluginConfig) { c.DataDir = "var/lib/x" }, "data_dir", `"var/lib/x"`},
+		{"empty data_dir", func(c *PluginConfig) { c.DataDir = "" }, "data_dir", `""`},
+		{"root data_dir", func(c *PluginConfig) { c.DataDir = "/" }, "data_dir", `"/"`},
+		{"root data_dir, unclean", func(c *PluginConfig) { c.DataDir = "//./" }, "data_dir", `"//./"`},
+		{"root data_dir via ..", func(c *PluginConfig) { c.DataDir = "/var/.." }, "data_dir", `"/var/.."`},
+		{"quote in data_dir", func(c *PluginConfig) { c.DataDir = "/var/lib/it's" }, "data_dir", `"/var/lib/it's"`},
+		{"colon in data_dir", func(c *PluginConfig) { c.DataDir = "/var/lib/a:b" }, "data_dir", `"/var/lib/a:b"`},
+		{"newline in data_dir", func(c *PluginConfig) { c.DataDir = "/var/lib/a\nb" }, "data_dir", `"/var/lib/a\nb"`},
+		{"slice without suffix", func(c *PluginConfig) { c.Slice = "machine" }, "slice", `"machine"`},
+		{"slice of another unit type", func(c *PluginConfig) { c.Slice = "machine.service" }, "slice", `"machine.service"`},
+		{"slice with a slash", func(c *PluginConfig) { c.Slice = "a/b.slice" }, "slice", `"a/b.slice"`},
+		{"slice with a space", func(c *PluginConfig) { c.Slice = "my machines.slice" }, "slice", `"my machines.slice"`},
+		{"empty slice", func(c *PluginConfig) { c.Slice = "" }, "slice", `""`},
+		{"only the suffix", func(c *PluginConfig) { c.Slice = ".slice" }, "slice", `".slice"`},
+		{"negative tasks_max", func(c *PluginConfig) { c.TasksMax = -1 }, "tasks_max", "-1"},
+		{"relative nspawn_path", func(c *PluginConfig) { c.NspawnPath = "systemd-nspawn" }, "nspawn_path", `"systemd-nspawn"`},
+		{"relative systemd_run_path", func(c *PluginConfig) { c.SystemdRunPath = "bin/systemd-run" }, "systemd_run_path", `"bin/systemd-run"`},
+		{"relative journalctl_path", func(c *PluginConfig) { c.JournalctlPath = "./journalctl" }, "journalctl_path", `"./journalctl"`},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			pc := validPluginConfig()
+			c.mutate(&pc)
+			mustNameField(t, pc.validate(), c.field+" = ", c.value)
+		})
+	}
+}
+
+func TestPluginConfigValidate_OK(t *testing.T) {
+	for _, slice := range []string{"machine.slice", "nomad-machines.slice", "a_b:c.d.slice", `x\x2dy.slice`} {
+		pc := validPluginConfig()
+		pc.Slice = slice
+		must.NoError(t, pc.validate(), must.Sprint(slice))
+	}
+	pc := validPluginConfig()
+	pc.TasksMax = 0
+	must.NoError(t, pc.validate())
+
+	pc = validPluginConfig()
+	pc.DataDir = "/var/lib//nixos/./machines/"
+	must.NoError(t, pc.validate())
+	must.EqOp(t, "/var/lib/nixos/machines", pc.DataDir)
+}
+
+func TestPluginConfigValidate_FindsTools(t *testing.T) {
+	bin := t.TempDir()
+	nspawnBin := filepath.Join(bin, "systemd-nspawn")
+	must.NoError(t, os.WriteFile(nspawnBin, []byte("#!/bin/sh\n"), 0o755))
+	t.Setenv("PATH", bin)
+
+	pc := validPluginConfig()
+	pc.NspawnPath, pc.SystemdRunPath, pc.JournalctlPath = "", "", ""
+	must.NoError(t, pc.validate())
+	// Found in PATH.
+	must.EqOp(t, nspawnBin, pc.NspawnPath)
+	// Not in PATH: where NixOS keeps it, for the fingerprint to report if it is missing.
+	must.EqOp(t, "/run/current-system/sw/bin/systemd-run", pc.SystemdRunPath)
+	must.EqOp(t, "/run/current-system/sw/bin/journalctl", pc.JournalctlPath)
+
+	// Configured paths are kept as they are.
+	pc = validPluginConfig()
+	pc.NspawnPath = "/opt/systemd/bin/systemd-nspawn"
+	must.NoError(t, pc.validate())
+	must.EqOp(t, "/opt/systemd/bin/systemd-nspawn", pc.NspawnPath)
+}
+
+func TestValidateToplevel_Pattern(t *testing.T) {
+	hash := "0c7hkqjx3pb2xvdm0ncvb8hgxwqbb1ps"
+	for _, p := range []string{
+		"",
+		"nixos-system",
+		"/etc",
+		"/nix/store",
+		"/nix/store/",
+		"/nix/store/" + hash,
+		"/nix/store/" + hash + "-",
+		"nix/store/" + hash + "-nixos-system-web",
+		"/nix/store/" + hash + "-nixos-system-web/",
+		"/nix/store/" + hash + "-nixos-system-web/..",
+		"/nix/store/" + hash + "-nixos-system-web/../../../etc",
+		"/nix/store/../../etc/" + hash + "-x",
+		"/nix/store/" + hash + "-nixos-system-web/sw",
+		"/nix/store/./" + hash + "-nixos-system-web",
+		"//nix/store/" + hash + "-nixos-system-web",
+		"/nix/store/" + hash[:31] + "-nixos-system-web",
+		"/nix/store/" + hash + "x-nixos-system-web",
+		// e, o, t and u are not in Nix's base32 alphabet; upper case is not either.
+		"/nix/store/e" + hash[1:] + "-nixos-system-web",
+		"/nix/store/o" + hash[1:] + "-nixos-system-web",
+		"/nix/store/t" + hash[1:] + "-nixos-system-web",
+		"/nix/store/u" + hash[1:] + "-nixos-system-web",
+		"/nix/store/" + strings.ToUpper(hash) + "-nixos-system-web",
+		"/nix/store/" + hash + "-nixos system",
+		"/nix/store/" + hash + "-nixos\nsystem",
+		"/nix/store/" + hash + "-nixos-system-web\x00",
+		"/gnu/store/" + hash + "-nixos-system-web",
+	} {
+		t.Run(fmt.Sprintf("%q", p), func(t *testing.T) {
+			err := validateToplevel(p)
+			mustNameField(t, err, "toplevel = ", fmt.Sprintf("%q", p))
+			must.StrContains(t, err.Error(), "must be a Nix store path")
+		})
+	}
+}
+
+// A well-formed store path passes the pattern and fails only for being absent here.
+func TestValidateToplevel_Absent(t *testing.T) {
+	for _, p := range []string{
+		absentToplevel,
+		"/nix/store/abcdfghijklmnpqrsvwxyz0123456789-nixos-system-x_1.2+3?=",
+	} {
+		err := validateToplevel(p)
+		mustNameField(t, err, "toplevel = ", fmt.Sprintf("%q", p))
+		must.StrContains(t, err.Error(), "no such store path")
+	}
+}
+
+func validTaskConfig() TaskConfig {
+	return TaskConfig{
+		Toplevel:     absentToplevel,
+		ReadyTimeout: "90s",
+		PrivateUsers: "pick",
+		RebootPolicy: "exit",
+	}
+}
+
+func TestTaskConfigOptions_OK(t *testing.T) {
+	cases := []struct {
+		name   string
+		mutate func(*TaskConfig)
+		want   taskOptions
+	}{
+		{"defaults", func(*TaskConfig) {}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit}},
+		{"ready_timeout 2m", func(c *TaskConfig) { c.ReadyTimeout = "2m" }, taskOptions{2 * time.Minute, "pick", nspawn.RebootExit}},
+		{"ready_timeout 1h is the maximum", func(c *TaskConfig) { c.ReadyTimeout = "1h" }, taskOptions{time.Hour, "pick", nspawn.RebootExit}},
+		{"ready_timeout 1ms", func(c *TaskConfig) { c.ReadyTimeout = "1ms" }, taskOptions{time.Millisecond, "pick", nspawn.RebootExit}},
+		{"private_users range", func(c *TaskConfig) { c.PrivateUsers = "524288:65536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit}},
+		{"private_users base only", func(c *TaskConfig) { c.PrivateUsers = "524288" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit}},
+		{"private_users normalized", func(c *TaskConfig) { c.PrivateUsers = "0524288:065536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit}},
+		{"private_users last range", func(c *TaskConfig) { c.PrivateUsers = "1878982656" }, taskOptions{90 * time.Second, "1878982656:65536", nspawn.RebootExit}},
+		{"reboot_policy restart", func(c *TaskConfig) { c.RebootPolicy = "restart" }, taskOptions{90 * time.Second, "pick", nspawn.RebootRestart}},
+		{"init_args", func(c *TaskConfig) { c.InitArgs = []string{"systemd.unit=rescue.target", "a b", "--"} }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			tc := validTaskConfig()
+			c.mutate(&tc)
+			got, err := tc.options()
+			must.NoError(t, err)
+			must.Eq(t, c.want, got)
+		})
+	}
+}
+
+func TestTaskConfigOptions_Errors(t *testing.T) {
+	cases := []struct {
+		name   string
+		mutate func(*TaskConfig)
+		field  string
+		value  string
+	}{
+		{"ready_timeout 0s", func(c *TaskConfig) { c.ReadyTimeout = "0s" }, "ready_timeout", `"0s"`},
+		{"ready_timeout negative", func(c *TaskConfig) { c.ReadyTimeout = "-1s" }, "ready_timeout", `"-1s"`},
+		{"ready_timeout above an hour", func(c *TaskConfig) { c.ReadyTimeout = "2h" }, "ready_timeout", `"2h"`},
+		{"ready_timeout not a duration", func(c *TaskConfig) { c.ReadyTimeout = "abc" }, "ready_timeout", `"abc"`},
+		{"ready_timeout without unit", func(c *TaskConfig) { c.ReadyTimeout = "90" }, "ready_timeout", `"90"`},
+		{"ready_timeout empty", func(c *TaskConfig) { c.ReadyTimeout = "" }, "ready_timeout", `""`},
+		{"private_users no", func(c *TaskConfig) { c.PrivateUsers = "no" }, "private_users", `"no"`},
+		{"private_users identity", func(c *TaskConfig) { c.PrivateUsers = "identity" }, "private_users", `"identity"`},
+		{"private_users yes", func(c *TaskConfig) { c.PrivateUsers = "yes" }, "private_users", `"yes"`},
+		{"private_users empty", func(c *TaskConfig) { c.PrivateUsers = "" }, "private_users", `""`},
+		{"private_users host range", func(c *TaskConfig) { c.PrivateUsers = "0:65536" }, "private_users", `"0:65536"`},
+		{"private_users below the container ranges", func(c *TaskConfig) { c.PrivateUsers = "458752:65536" }, "private_users", `"458752:65536"`},
+		{"private_users unaligned", func(c *TaskConfig) { c.PrivateUsers = "524289:65536" }, "private_users", `"524289:65536"`},
+		{"private_users small size", func(c *TaskConfig) { c.PrivateUsers = "524288:1000" }, "private_users", `"524288:1000"`},
+		{"private_users large size", func(c *TaskConfig) { c.PrivateUsers = "524288:131072" }, "private_users", `"524288:131072"`},
+		{"private_users beyond the container ranges", func(c *TaskConfig) { c.PrivateUsers = "1879048192:65536" }, "private_users", `"1879048192:65536"`},
+		{"private_users negative", func(c *TaskConfig) { c.PrivateUsers = "-524288:65536" }, "private_users", `"-524288:65536"`},
+		{"private_users empty size", func(c *TaskConfig) { c.PrivateUsers = "524288:" }, "private_users", `"524288:"`},
+		{"private_users overflow", func(c *TaskConfig) { c.PrivateUsers = "4295491584:65536" }, "private_users", `"4295491584:65536"`},
+		{"reboot_policy reboot", func(c *TaskConfig) { c.RebootPolicy = "reboot" }, "reboot_policy", `"reboot"`},
+		{"reboot_policy empty", func(c *TaskConfig) { c.RebootPolicy = "" }, "reboot_policy", `""`},
+		{"reboot_policy upper case", func(c *TaskConfig) { c.RebootPolicy = "Exit" }, "reboot_policy", `"Exit"`},
+		{"init_args NUL", func(c *TaskConfig) { c.InitArgs = []string{"ok", "a\x00b"} }, "init_args[1]", `"a\x00b"`},
+		{"init_args newline", func(c *TaskConfig) { c.InitArgs = []string{"a\nb"} }, "init_args[0]", `"a\nb"`},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			tc := validTaskConfig()
+			c.mutate(&tc)
+			_, err := tc.options()
+			mustNameField(t, err, c.field+" = ", c.value)
+		})
+	}
+}
+
+// validate checks the toplevel before anything else, and reports the toplevel.
+func TestTaskConfigValidate(t *testing.T) {
+	tc := validTaskConfig()
+	tc.Toplevel = "/nix/store/not-a-store-path"
+	tc.ReadyTimeout = "abc"
+	_, err := tc.validate()
+	mustNameField(t, err, "toplevel = ", `"/nix/store/not-a-store-path"`)
+
+	tc = validTaskConfig()
+	_, err = tc.validate()
+	mustNameField(t, err, "toplevel = ", `"`+absentToplevel+`"`)
+}
+
+func TestTaskConfigSchema_Defaults(t *testing.T) {
+	var tc TaskConfig
+	hclutils.NewConfigParser(taskConfigSpec).ParseHCL(t, `config {
+  toplevel = "`+absentToplevel+`"
+}`, &tc)
+	must.Eq(t, TaskConfig{
+		Toplevel:     absentToplevel,
+		ReadyTimeout: "2m",
+		PrivateUsers: "pick",
+		RebootPolicy: "exit",
+	}, tc)
+	// The defaults are themselves valid.
+	o, err := tc.options()
+	must.NoError(t, err)
+	must.EqOp(t, 2*time.Minute, o.readyTimeout)
+}
+
+func TestTaskConfigSchema_AllFields(t *testing.T) {
+	var tc TaskConfig
+	hclutils.NewConfigParser(taskConfigSpec).ParseHCL(t, `config {
+  toplevel      = "`+absentToplevel+`"
+  init_args     = ["systemd.unit=rescue.target", "quiet"]
+  ready_timeout = "30s"
+  private_users = "524288:65536"
+  reboot_policy = "restart"
+}`, &tc)
+	must.Eq(t, TaskConfig{
+		Toplevel:     absentToplevel,
+		InitArgs:     []string{"systemd.unit=rescue.target", "quiet"},
+		ReadyTimeout: "30s",
+		PrivateUsers: "524288:65536",
+		RebootPolicy: "restart",
+	}, tc)
+}
+
+func TestPluginConfigSchema_Defaults(t *testing.T) {
+	var pc PluginConfig
+	hclutils.NewConfigParser(pluginConfigSpec).ParseHCL(t, "config {\n}", &pc)
+	must.Eq(t, PluginConfig{
+		Enabled:  true,
+		DataDir:  "/var/lib/nomad-driver-nixos",
+		Slice:    "machine.slice",
+		TasksMax: 16384,
+	}, pc)
+	must.NoError(t, pc.validate())
+}
+
+func TestPluginConfigSchema_AllFields(t *testing.T) {
+	var pc PluginConfig
+	hclutils.NewConfigParser(pluginConfigSpec).ParseHCL(t, `config {
+  enabled          = false
+  data_dir         = "/srv/machines"
+  nspawn_path      = "/opt/bin/systemd-nspawn"
+  systemd_run_path = "/opt/bin/systemd-run"
+  journalctl_path  = "/opt/bin/journalctl"
+  slice            = "nomad-machines.slice"
+  tasks_max        = 0
+}`, &pc)
+	must.Eq(t, PluginConfig{
+		Enabled:        false,
+		DataDir:        "/srv/machines",
+		NspawnPath:     "/opt/bin/systemd-nspawn",
+		SystemdRunPath: "/opt/bin/systemd-run",
+		JournalctlPath: "/opt/bin/journalctl",
+		Slice:          "nomad-machines.slice",
+		TasksMax:       0,
+	}, pc)
+}

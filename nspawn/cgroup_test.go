@@ -1,0 +1,235 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package nspawn
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/shoenig/test/must"
+)
+
+// The unit's ControlGroup as systemd reports it.
+const (
+	testCgroup       = "/machine.slice/nomad-3f2504e0-web.service"
+	testCgroupOldV2  = "/machine.slice/nomad-old-kernel.service"
+	testCgroupNoSwap = "/machine.slice/nomad-noswap.service"
+	testCgroupGone   = "/machine.slice/nomad-gone.service"
+)
+
+func TestCgroupsV2_Read(t *testing.T) {
+	c := Cgroups{Base: "testdata/cgroupv2", Mode: CgroupUnified}
+	u, err := c.Read(testCgroup)
+	must.NoError(t, err)
+	must.Eq(t, Usage{
+		MemoryUsage:    169308160,
+		MemoryRSS:      45056000,  // anon, not anon_thp
+		MemoryCache:    123654144, // file, not file_mapped
+		MemorySwap:     4096,
+		MemoryMaxUsage: 201326592,
+		HasSwap:        true,
+		HasMaxUsage:    true,
+
+		CPUTotal:         8123456 * time.Microsecond,
+		CPUUser:          5123456 * time.Microsecond,
+		CPUSystem:        3 * time.Second,
+		ThrottledPeriods: 42,
+		ThrottledTime:    1234567 * time.Microsecond,
+
+		OOMKills: 2, // oom_kill, not oom
+	}, u)
+}
+
+// Before Linux 5.19 there is no memory.peak, and without swap accounting no memory.swap.current.
+func TestCgroupsV2_ReadOldKernel(t *testing.T) {
+	c := Cgroups{Base: "testdata/cgroupv2", Mode: CgroupUnified}
+	u, err := c.Read(testCgroupOldV2)
+	must.NoError(t, err)
+	must.Eq(t, Usage{
+		MemoryUsage: 52428800,
+		MemoryRSS:   20971520,
+		MemoryCache: 31457280,
+		CPUTotal:    1500 * time.Millisecond,
+		CPUUser:     time.Second,
+		CPUSystem:   500 * time.Millisecond,
+	}, u)
+	must.False(t, u.HasSwap)
+	must.False(t, u.HasMaxUsage)
+}
+
+func TestCgroupsV2_OOMKills(t *testing.T) {
+	c := Cgroups{Base: "testdata/cgroupv2", Mode: CgroupUnified}
+	n, err := c.OOMKills(testCgroup)
+	must.NoError(t, err)
+	must.EqOp(t, uint64(2), n)
+
+	_, err = c.OOMKills(testCgroupOldV2)
+	must.True(t, IsGone(err), must.Sprintf("err = %v", err))
+}
+
+func TestCgroupsV1_Read(t *testing.T) {
+	for _, mode := range []CgroupMode{CgroupHybrid, CgroupLegacy} {
+		t.Run(string(mode), func(t *testing.T) {
+			c := Cgroups{Base: "testdata/cgroupv1", Mode: mode}
+			u, err := c.Read(testCgroup)
+			must.NoError(t, err)
+			must.Eq(t, Usage{
+				MemoryUsage:    180355072,
+				MemoryRSS:      45056000,  // total_rss includes the guest's nested cgroups
+				MemoryCache:    123654144, // total_cache
+				MemorySwap:     8192,
+				MemoryMaxUsage: 268435456,
+				HasSwap:        true,
+				HasMaxUsage:    true,
+
+				CPUTotal: 8123456789 * time.Nanosecond,
+				// cpuacct.stat counts USER_HZ (100) ticks.
+				CPUUser:          5120 * time.Millisecond,
+				CPUSystem:        3 * time.Second,
+				ThrottledPeriods: 7,
+				ThrottledTime:    987654321 * time.Nanosecond,
+
+				OOMKills: 5,
+			}, u)
+		})
+	}
+}
+
+func TestCgroupsV1_ReadNoSwap(t *testing.T) {
+	c := Cgroups{Base: "testdata/cgroupv1", Mode: CgroupHybrid}
+	u, err := c.Read(testCgroupNoSwap)
+	must.NoError(t, err)
+	must.Eq(t, Usage{
+		MemoryUsage: 52428800,
+		MemoryRSS:   20971520,
+		MemoryCache: 31457280,
+		CPUTotal:    1500 * time.Millisecond,
+		CPUUser:     time.Second,
+		CPUSystem:   500 * time.Millisecond,
+	}, u)
+}
+
+func TestCgroupsV1_OOMKills(t *testing.T) {
+	c := Cgroups{Base: "testdata/cgroupv1", Mode: CgroupHybrid}
+	n, err := c.OOMKills(testCgroup)
+	must.NoError(t, err)
+	must.EqOp(t, uint64(5), n)
+
+	_, err = c.OOMKills(testCgroupNoSwap)
+	must.True(t, IsGone(err), must.Sprintf("err = %v", err))
+}
+
+func TestCgroups_Gone(t *testing.T) {
+	for _, c := range []Cgroups{
+		{Base: "testdata/cgroupv2", Mode: CgroupUnified},
+		{Base: "testdata/cgroupv1", Mode: CgroupHybrid},
+		{Base: "testdata/cgroupv1", Mode: CgroupLegacy},
+	} {
+		t.Run(string(c.Mode), func(t *testing.T) {
+			_, err := c.Read(testCgroupGone)
+			must.Error(t, err)
+			must.True(t, IsGone(err), must.Sprintf("err = %v", err))
+			_, err = c.OOMKills(testCgroupGone)
+			must.True(t, IsGone(err), must.Sprintf("err = %v", err))
+		})
+	}
+}
+
+// A cgroup the kernel is removing can lose files between reads: that is gone too, not a failure.
+func TestCgroupsV2_PartlyGone(t *testing.T) {
+	base := t.TempDir()
+	dir := filepath.Join(base, "machine.slice", "x.service")
+	must.NoError(t, os.MkdirAll(dir, 0o755))
+	must.NoError(t, os.WriteFile(filepath.Join(dir, "memory.current"), []byte("4096\n"), 0o644))
+	c := Cgroups{Base: base, Mode: CgroupUnified}
+
+	_, err := c.Read("/machine.slice/x.service")
+	must.True(t, IsGone(err), must.Sprintf("err = %v", err))
+
+	must.NoError(t, os.WriteFile(filepath.Join(dir, "memory.stat"), []byte("anon 1\nfile 2\n"), 0o644))
+	_, err = c.Read("/machine.slice/x.service")
+	must.True(t, IsGone(err), must.Sprintf("err = %v", err))
+
+	must.NoError(t, os.WriteFile(filepath.Join(dir, "cpu.stat"), []byte("usage_usec 1\nuser_usec 1\nsystem_usec 0\n"), 0o644))
+	u, err := c.Read("/machine.slice/x.service")
+	must.NoError(t, err)
+	must.EqOp(t, uint64(4096), u.MemoryUsage)
+	must.EqOp(t, time.Microsecond, u.CPUTotal)
+}
+
+func TestCgroups_Malformed(t *testing.T) {
+	base := t.TempDir()
+	dir := filepath.Join(base, "x.service")
+	must.NoError(t, os.MkdirAll(dir, 0o755))
+	must.NoError(t, os.WriteFile(filepath.Join(dir, "memory.current"), []byte("lots\n"), 0o644))
+	_, err := Cgroups{Base: base, Mode: CgroupUnified}.Read("/x.service")
+	must.Error(t, err)
+	must.False(t, IsGone(err))
+}
+
+func TestIsGone(t *testing.T) {
+	must.False(t, IsGone(nil))
+	_, err := os.ReadFile(filepath.Join(t.TempDir(), "nope"))
+	must.True(t, IsGone(err))
+	must.False(t, IsGone(os.ErrPermission))
+}
+
+func TestDetectCgroups_NotCgroupFS(t *testing.T) {
+	dir := t.TempDir()
+	c, err := DetectCgroups(dir)
+	must.NoError(t, err)
+	must.Eq(t, Cgroups{Base: dir, Mode: CgroupLegacy}, c)
+
+	_, err = DetectCgroups(filepath.Join(dir, "missing"))
+	must.Error(t, err)
+}
+
+// Without a per-unit cpuacct cgroup (cpu and cpuacct mounted apart), the CPU time is that of the
+// unit's live processes, from the cgroup.procs files of its memory cgroup tree.
+func TestCgroupsV1_ProcessCPUFallback(t *testing.T) {
+	if _, err := os.Stat("/proc/self/stat"); err != nil {
+		t.Skip("no /proc")
+	}
+	// Spend some CPU so both measures are well above the 10ms tick.
+	deadline := time.Now().Add(60 * time.Millisecond)
+	for x := 0; time.Now().Before(deadline); x++ {
+		_ = x * x
+	}
+
+	base := t.TempDir()
+	mem := filepath.Join(base, "memory", "machine.slice", "x.service")
+	payload := filepath.Join(mem, "payload")
+	must.NoError(t, os.MkdirAll(payload, 0o755))
+	for name, content := range map[string]string{
+		"memory.usage_in_bytes": "1048576\n",
+		"memory.stat":           "total_rss 4096\ntotal_cache 8192\n",
+		"cgroup.procs":          "",
+	} {
+		must.NoError(t, os.WriteFile(filepath.Join(mem, name), []byte(content), 0o644))
+	}
+	// This test process, and a PID that does not exist (a process that just exited).
+	must.NoError(t, os.WriteFile(filepath.Join(payload, "cgroup.procs"), []byte(fmt.Sprintf("%d\n999999999\n", os.Getpid())), 0o644))
+
+	var before, after syscall.Rusage
+	must.NoError(t, syscall.Getrusage(syscall.RUSAGE_SELF, &before))
+	u, err := Cgroups{Base: base, Mode: CgroupHybrid}.Read("/machine.slice/x.service")
+	must.NoError(t, syscall.Getrusage(syscall.RUSAGE_SELF, &after))
+	must.NoError(t, err)
+
+	tick := 10 * time.Millisecond
+	lo := time.Duration(before.Utime.Nano()) - 2*tick
+	hi := time.Duration(after.Utime.Nano()) + 2*tick
+	must.Between(t, lo, u.CPUUser, hi)
+	lo = time.Duration(before.Stime.Nano()) - 2*tick
+	hi = time.Duration(after.Stime.Nano()) + 2*tick
+	must.Between(t, lo, u.CPUSystem, hi)
+	must.EqOp(t, u.CPUUser+u.CPUSystem, u.CPUTotal)
+	must.Positive(t, u.CPUTotal)
+	must.EqOp(t, uint64(1048576), u.MemoryUsage)
+	must.EqOp(t, uint64(4096), u.MemoryRSS)
+}

@@ -1,0 +1,150 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package nspawn
+
+import (
+	"testing"
+	"time"
+
+	"github.com/shoenig/test/must"
+)
+
+const testToplevel = "/nix/store/0c7hkqjx3pb2xvdm0ncvb8hgxwqbb1ps-nixos-system-web-25.05"
+
+func testSpec() *Spec {
+	return &Spec{
+		Machine:      "nomad-3f2504e0-web",
+		Description:  "Nomad task web of allocation 3f2504e0 (job example)",
+		Root:         "/var/lib/nomad-driver-nixos/machines/nomad-3f2504e0-web/root",
+		ExitFile:     "/var/lib/nomad-driver-nixos/machines/nomad-3f2504e0-web/exit",
+		Toplevel:     testToplevel,
+		InitArgs:     []string{"systemd.unit=multi-user.target", "--help"},
+		UUID:         "5c3d1ea1b6f84ff1a6a04bc1e4c1a0d2",
+		NspawnPath:   "/run/current-system/sw/bin/systemd-nspawn",
+		Slice:        "machine.slice",
+		PrivateUsers: "pick",
+		Binds: []Bind{
+			{Source: "/var/lib/nomad/alloc/3f2504e0/alloc", Dest: "/alloc"},
+			{Source: "/var/lib/nomad/alloc/3f2504e0/web/logs", Dest: "/alloc/logs", ReadOnly: true},
+			{Source: "/var/lib/nomad/alloc/3f2504e0/web/local", Dest: "/local"},
+		},
+		Env: map[string]string{
+			"ZED":             "last",
+			"NOMAD_TASK_NAME": "web",
+			"A":               "with space and = sign",
+			"EMPTY":           "",
+		},
+		ReadyTimeout: 90 * time.Second,
+		StopTimeout:  30 * time.Second,
+		RebootPolicy: RebootExit,
+	}
+}
+
+func TestSpecArgs_Golden(t *testing.T) {
+	want := []string{
+		"/run/current-system/sw/bin/systemd-nspawn",
+		"--quiet",
+		"--keep-unit",
+		"--register=yes",
+		"--settings=no",
+		"--machine=nomad-3f2504e0-web",
+		"--directory=/var/lib/nomad-driver-nixos/machines/nomad-3f2504e0-web/root",
+		"--private-users=pick",
+		"--private-users-ownership=auto",
+		"--kill-signal=SIGRTMIN+3",
+		"--notify-ready=yes",
+		"--console=read-only",
+		"--link-journal=no",
+		"--timezone=off",
+		"--resolv-conf=off",
+		"--network-veth",
+		"--bind-ro=/nix/store",
+		"--uuid=5c3d1ea1b6f84ff1a6a04bc1e4c1a0d2",
+		"--bind=/var/lib/nomad/alloc/3f2504e0/alloc:/alloc",
+		"--bind-ro=/var/lib/nomad/alloc/3f2504e0/web/logs:/alloc/logs",
+		"--bind=/var/lib/nomad/alloc/3f2504e0/web/local:/local",
+		"--setenv=A=with space and = sign",
+		"--setenv=EMPTY=",
+		"--setenv=NOMAD_TASK_NAME=web",
+		"--setenv=ZED=last",
+		"--",
+		testToplevel + "/init",
+		"systemd.unit=multi-user.target",
+		"--help",
+	}
+	must.Eq(t, want, testSpec().Args())
+}
+
+func TestSpecArgs_Minimal(t *testing.T) {
+	s := &Spec{
+		Machine:      "nomad-3f2504e0-m",
+		Root:         "/r",
+		Toplevel:     testToplevel,
+		NspawnPath:   "/bin/systemd-nspawn",
+		PrivateUsers: "524288:65536",
+	}
+	args := s.Args()
+	must.EqOp(t, "/bin/systemd-nspawn", args[0])
+	must.SliceContainsOp(t, args, "--private-users=524288:65536")
+	// Without a UUID, binds, env or init args, the command line ends with "-- <toplevel>/init".
+	must.Eq(t, []string{"--bind-ro=/nix/store", "--", testToplevel + "/init"}, args[len(args)-3:])
+	for _, a := range args {
+		must.StrNotContains(t, a, "--uuid")
+		must.StrNotContains(t, a, "--setenv")
+	}
+}
+
+func TestSpecArgs_EnvSortedAndStable(t *testing.T) {
+	s := testSpec()
+	s.Env = map[string]string{}
+	for _, k := range []string{"b", "B", "a", "_x", "A1", "A"} {
+		s.Env[k] = k
+	}
+	var got []string
+	for _, a := range s.Args() {
+		if len(a) > 9 && a[:9] == "--setenv=" {
+			got = append(got, a[9:])
+		}
+	}
+	must.Eq(t, []string{"A=A", "A1=A1", "B=B", "_x=_x", "a=a", "b=b"}, got)
+}
+
+func TestSpecValidate(t *testing.T) {
+	cases := []struct {
+		name   string
+		mutate func(*Spec)
+		errSub string
+	}{
+		{"valid", func(*Spec) {}, ""},
+		{"no exit file", func(s *Spec) { s.ExitFile = "" }, "exit file"},
+		{"relative exit file", func(s *Spec) { s.ExitFile = "exit" }, `"exit"`},
+		{"quote in exit file", func(s *Spec) { s.ExitFile = "/a'b" }, `"/a'b"`},
+		{"dollar in exit file", func(s *Spec) { s.ExitFile = "/a$b" }, `"/a$b"`},
+		{"newline in exit file", func(s *Spec) { s.ExitFile = "/a\nb" }, `"/a\nb"`},
+		{"relative bind source", func(s *Spec) { s.Binds[0].Source = "alloc" }, `"alloc"`},
+		{"relative bind dest", func(s *Spec) { s.Binds[1].Dest = "alloc/logs" }, `"alloc/logs"`},
+		{"colon in source", func(s *Spec) { s.Binds[0].Source = "/a:b" }, `"/a:b"`},
+		{"colon in dest", func(s *Spec) { s.Binds[2].Dest = "/local:rbind" }, `"/local:rbind"`},
+		{"backslash in source", func(s *Spec) { s.Binds[0].Source = `/a\b` }, `"/a\\b"`},
+		{"newline in dest", func(s *Spec) { s.Binds[0].Dest = "/a\nb" }, `"/a\nb"`},
+		{"NUL in source", func(s *Spec) { s.Binds[0].Source = "/a\x00b" }, `"/a\x00b"`},
+		{"NUL in env value", func(s *Spec) { s.Env["BAD"] = "x\x00y" }, `"BAD"`},
+		{"NUL in env name", func(s *Spec) { s.Env["B\x00AD"] = "x" }, `"B\x00AD"`},
+		{"= in env name", func(s *Spec) { s.Env["B=AD"] = "x" }, `"B=AD"`},
+		{"NUL in init arg", func(s *Spec) { s.InitArgs = append(s.InitArgs, "a\x00b") }, `"a\x00b"`},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			s := testSpec()
+			c.mutate(s)
+			err := s.Validate()
+			if c.errSub == "" {
+				must.NoError(t, err)
+				return
+			}
+			must.Error(t, err)
+			must.StrContains(t, err.Error(), c.errSub)
+		})
+	}
+}
