@@ -8,7 +8,7 @@ FIXTURES_ENV := $(or $(NIXOS_NSPAWN_CACHE),/var/cache/nomad-driver-nixos)/fixtur
 # Packages that hold test binaries run inside the systemd test host.
 INTEGRATION_PKGS := driver
 
-.PHONY: all build lint unit integration test testhost-down clean
+.PHONY: all build lint unit testhost-ready integration bench test testhost-down clean
 
 all: build
 
@@ -27,12 +27,14 @@ unit:
 	$(GO) test -count=1 ./...
 
 # Everything that needs systemd, machined and nspawn runs inside a booted systemd test host.
-integration: build
+testhost-ready: build
 	$(TESTHOST) up
 	e2e/fixtures/build.sh
 	@for p in $(INTEGRATION_PKGS); do \
 		CGO_ENABLED=0 $(GO) test -c -tags integration -o $(BUILD)/$$p.integration.test ./$$p || exit 1; \
 	done
+
+integration: testhost-ready
 	@set -a; . $(FIXTURES_ENV); set +a; \
 	for p in $(INTEGRATION_PKGS); do \
 		echo "== integration tests of $$p (in the systemd test host)"; \
@@ -46,3 +48,9 @@ testhost-down:
 
 clean: testhost-down
 	rm -rf $(BUILD)
+
+# Start-to-READY through the driver vs bare systemd-run + nspawn, and the plugin's RSS.
+bench: testhost-ready
+	@set -a; . $(FIXTURES_ENV); set +a; \
+	NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+		-test.run '^$$' -test.bench . -test.benchtime $(or $(BENCHTIME),10x) -test.benchmem=false

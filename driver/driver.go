@@ -39,6 +39,8 @@ const (
 	registerTimeout = 30 * time.Second
 	// stopTimeout is systemd's bound on stopping a unit whose start timed out.
 	stopTimeout = 30 * time.Second
+	// stopResendInterval is how often StopTask repeats the shutdown signal to a booting guest.
+	stopResendInterval = 500 * time.Millisecond
 	// envFileName is the task environment, in EnvironmentFile= format, in the secrets directory.
 	envFileName = "nomad.env"
 )
@@ -245,6 +247,7 @@ func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspa
 		Unit:       spec.Unit(),
 		CursorFile: nspawn.CursorPath(filepath.Dir(spec.Root)),
 		FIFO:       cfg.StdoutPath,
+		StderrFIFO: cfg.StderrPath,
 	}
 	if err := d.mgr.StartUnit(ctx, nspawn.ConsoleUnit(spec.Machine), console.UnitProperties(d.self)); err != nil {
 		return nspawn.UnitStatus{}, fmt.Errorf("starting the console forwarder: %w", err)
@@ -367,10 +370,24 @@ func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) e
 			return err
 		}
 	}
-	select {
-	case <-h.doneCh:
-		return nil
-	case <-time.After(timeout):
+	// PID 1 ignores signals it has no handler for, and a guest that is still booting (NixOS
+	// stage 2, or systemd before it set up its handlers) may not have one yet, even when it
+	// reports READY=1 right after: repeat the shutdown signal. A guest already shutting down
+	// ignores the repeats.
+	deadline := time.After(timeout)
+	resend := time.NewTicker(stopResendInterval)
+	defer resend.Stop()
+	for stopped := false; !stopped; {
+		select {
+		case <-h.doneCh:
+			return nil
+		case <-deadline:
+			stopped = true
+		case <-resend.C:
+			if leader, err := d.mgr.Leader(h.state.Machine); err == nil {
+				_ = syscall.Kill(leader, nspawn.SignalShutdown)
+			}
+		}
 	}
 	h.logger.Info("machine did not stop within the kill timeout, killing it", "timeout", timeout)
 	if err := d.mgr.Kill(ctx, h.state.Unit, true, syscall.SIGKILL); err != nil {

@@ -262,17 +262,19 @@ func TestRecoverAfterPluginRestart(t *testing.T) {
 func TestDestroyWithoutState(t *testing.T) {
 	dataDir := t.TempDir()
 	td := newTestDriver(t, dataDir)
+	before := inventory(t, dataDir)
 	cfg := td.newTask(t, "orphan", tinyToplevel(t), nil)
 	_, _, err := td.StartTask(cfg)
 	must.NoError(t, err)
 	waitLog(t, cfg, "tinyinit: ready", 30*time.Second)
-	must.SliceNotEmpty(t, inventory(t, dataDir))
+	// unit, forwarder unit, machine, veth, directory
+	must.Len(t, 5, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
 
 	td.d.Shutdown()
 	td.Kill()
 	fresh := newTestDriver(t, dataDir)
 	must.NoError(t, fresh.d.DestroyTask(cfg.ID, true))
-	must.SliceEmpty(t, inventory(t, dataDir))
+	must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
 }
 
 func TestFingerprint(t *testing.T) {
@@ -311,6 +313,7 @@ func firstFingerprint(t *testing.T, td *testDriver) *drivers.Fingerprint {
 func TestBadConfigLeavesNothing(t *testing.T) {
 	dataDir := t.TempDir()
 	td := newTestDriver(t, dataDir)
+	before := inventory(t, dataDir)
 	for _, tc := range []struct {
 		name, toplevel, want string
 		args                 []string
@@ -327,7 +330,7 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 			cfg := td.newTask(t, "bad", toplevel, tc.args)
 			_, _, err := td.StartTask(cfg)
 			must.ErrorContains(t, err, tc.want)
-			must.SliceEmpty(t, inventory(t, dataDir))
+			must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
 		})
 	}
 }
@@ -336,17 +339,17 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 func TestCyclesLeaveNothing(t *testing.T) {
 	dataDir := t.TempDir()
 	td := newTestDriver(t, dataDir)
+	before := inventory(t, dataDir)
 	for i := 0; i < 20; i++ {
 		cfg := td.newTask(t, fmt.Sprintf("cycle%d", i), tinyToplevel(t), nil)
-		_, _, err := td.StartTask(cfg)
-		must.NoError(t, err)
+		td.start(t, cfg)
 		must.NoError(t, td.StopTask(cfg.ID, 10*time.Second, ""))
 		res := td.waitExit(t, cfg.ID, 30*time.Second)
 		must.Eq(t, 0, res.ExitCode)
 		must.NoError(t, td.DestroyTask(cfg.ID, true))
 	}
 	must.Wait(t, wait.InitialSuccess(
-		wait.BoolFunc(func() bool { return len(inventory(t, dataDir)) == 0 }),
+		wait.BoolFunc(func() bool { return len(leftovers(t, dataDir, before)) == 0 }),
 		wait.Timeout(10*time.Second), wait.Gap(200*time.Millisecond),
-	), must.Sprintf("left behind: %v", inventory(t, dataDir)))
+	), must.Sprintf("left behind: %v", leftovers(t, dataDir, before)))
 }

@@ -179,7 +179,7 @@ func waitLog(t *testing.T, cfg *drivers.TaskConfig, want string, timeout time.Du
 }
 
 // waitEvent waits for a task event whose message contains want.
-func waitEvent(t *testing.T, events <-chan *drivers.TaskEvent, taskID, want string, timeout time.Duration) {
+func waitEvent(t testing.TB, events <-chan *drivers.TaskEvent, taskID, want string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.After(timeout)
 	for {
@@ -199,6 +199,22 @@ func run(t *testing.T, name string, args ...string) string {
 	out, err := exec.Command(name, args...).CombinedOutput()
 	must.NoError(t, err, must.Sprintf("%s %v: %s", name, args, out))
 	return string(out)
+}
+
+// leftovers lists what the inventory holds now and did not hold before.
+func leftovers(t *testing.T, dataDir string, before []string) []string {
+	t.Helper()
+	seen := map[string]bool{}
+	for _, item := range before {
+		seen[item] = true
+	}
+	var out []string
+	for _, item := range inventory(t, dataDir) {
+		if !seen[item] {
+			out = append(out, item)
+		}
+	}
+	return out
 }
 
 // inventory lists what machines of this driver leave on the host: units, machines, veths,

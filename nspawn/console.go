@@ -38,6 +38,9 @@ type Console struct {
 	Unit       string
 	CursorFile string
 	FIFO       string
+	// StderrFIFO is held open while forwarding, though everything goes to FIFO: Nomad's log
+	// reader for it waits for a writer, and would otherwise stall each task's teardown.
+	StderrFIFO string
 }
 
 // ConsoleUnit is the name of the forwarder unit of a machine.
@@ -72,7 +75,7 @@ func (c *Console) UnitProperties(self string) []sddbus.Property {
 	return []sddbus.Property{
 		sddbus.PropDescription("Console of " + c.Unit),
 		sddbus.PropExecStart([]string{self, ConsoleCommand,
-			"-journalctl", c.Journalctl, "-unit", c.Unit, "-cursor", c.CursorFile, "-fifo", c.FIFO}, true),
+			"-journalctl", c.Journalctl, "-unit", c.Unit, "-cursor", c.CursorFile, "-fifo", c.FIFO, "-stderr-fifo", c.StderrFIFO}, true),
 		sddbus.PropType("exec"),
 		prop("Restart", "on-failure"),
 		prop("RestartUSec", uint64(time.Second.Microseconds())),
@@ -89,6 +92,7 @@ func ConsoleMain(args []string) int {
 	fs.StringVar(&c.Unit, "unit", "", "machine unit whose console to forward")
 	fs.StringVar(&c.CursorFile, "cursor", "", "file holding the journal cursor")
 	fs.StringVar(&c.FIFO, "fifo", "", "Nomad's log FIFO")
+	fs.StringVar(&c.StderrFIFO, "stderr-fifo", "", "Nomad's stderr log FIFO, held open")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -108,6 +112,13 @@ func (c *Console) Run(ctx context.Context, mgr *Manager) error {
 		return err
 	}
 	defer w.Close()
+	if c.StderrFIFO != "" {
+		stderr, err := openFIFO(ctx, c.StderrFIFO)
+		if err != nil {
+			return err
+		}
+		defer stderr.Close()
+	}
 
 	followCtx, stopFollow := context.WithCancel(ctx)
 	defer stopFollow()

@@ -204,6 +204,7 @@ func TestConsoleUnitProperties(t *testing.T) {
 		Unit:       "nomad-3f2504e0-web.service",
 		CursorFile: "/var/lib/nomad-driver-nixos/machines/nomad-3f2504e0-web/console.cursor",
 		FIFO:       "/var/lib/nomad/alloc/3f2504e0/alloc/logs/.web.stdout.fifo",
+		StderrFIFO: "/var/lib/nomad/alloc/3f2504e0/alloc/logs/.web.stderr.fifo",
 	}
 	props := map[string]any{}
 	for _, p := range c.UnitProperties("/nix/store/x-nomad-driver-nixos/bin/nomad-driver-nixos") {
@@ -218,6 +219,7 @@ func TestConsoleUnitProperties(t *testing.T) {
 	must.Eq(t, []string{
 		"/nix/store/x-nomad-driver-nixos/bin/nomad-driver-nixos", ConsoleCommand,
 		"-journalctl", c.Journalctl, "-unit", c.Unit, "-cursor", c.CursorFile, "-fifo", c.FIFO,
+		"-stderr-fifo", c.StderrFIFO,
 	}, argv)
 	must.EqOp(t, "nomad-3f2504e0-web-console.service", ConsoleUnit("nomad-3f2504e0-web"))
 	must.NotEq(t, UnitName("nomad-3f2504e0-web"), ConsoleUnit("nomad-3f2504e0-web"))

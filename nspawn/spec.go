@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -22,6 +23,10 @@ const (
 	// RebootRestart lets systemd boot the machine again in place, keeping its root.
 	RebootRestart RebootPolicy = "restart"
 )
+
+// SignalShutdown is SIGRTMIN+3 in glibc's numbering, which systemd and nspawn use: it asks a
+// guest's systemd to power off.
+const SignalShutdown = syscall.Signal(37)
 
 // ExitReboot is the status systemd-nspawn exits with when the guest reboots.
 const ExitReboot = 133

@@ -1,0 +1,179 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+//go:build integration
+
+package driver
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/go-plugin"
+	"github.com/hashicorp/nomad/client/lib/numalib"
+	"github.com/hashicorp/nomad/helper/uuid"
+	"github.com/hashicorp/nomad/nomad/structs"
+	"github.com/hashicorp/nomad/plugins/base"
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/shoenig/test/must"
+
+	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
+)
+
+// Start to READY of the fixtures through the driver (Nomad's gRPC harness, StartTask until the
+// readiness event) against a bare `systemd-run -p Type=notify ... systemd-nspawn` of the same
+// closure, which returns once the guest is ready. Run with `make bench`.
+func BenchmarkStartToReady(b *testing.B) {
+	for _, fx := range []struct{ name, env string }{
+		{"tiny", "NIXOS_NSPAWN_TINY_TOPLEVEL"},
+		{"systemd", "NIXOS_NSPAWN_SYSTEMD_TOPLEVEL"},
+	} {
+		toplevel := os.Getenv(fx.env)
+		if toplevel == "" {
+			b.Fatalf("%s is not set: run benchmarks through `make bench`", fx.env)
+		}
+		b.Run(fx.name+"/driver", func(b *testing.B) { benchDriver(b, toplevel) })
+		b.Run(fx.name+"/bare-systemd-run", func(b *testing.B) { benchBare(b, toplevel) })
+	}
+}
+
+func benchDriver(b *testing.B, toplevel string) {
+	d := NewDriver(hclog.NewNullLogger())
+	defer d.Shutdown()
+	var cfg []byte
+	must.NoError(b, base.MsgPackEncode(&cfg, &PluginConfig{Enabled: true, DataDir: b.TempDir(), Slice: defaultSlice, TasksMax: defaultTasksMax}))
+	must.NoError(b, d.SetConfig(&base.Config{PluginConfig: cfg, AgentConfig: &base.AgentConfig{
+		Driver: &base.ClientDriverConfig{Topology: numalib.Scan(numalib.PlatformScanners(false))},
+	}}))
+	events, err := d.TaskEvents(context.Background())
+	must.NoError(b, err)
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		task := benchTask(b, toplevel, fmt.Sprintf("bench%d", i))
+		b.StartTimer()
+		_, _, err := d.StartTask(task)
+		must.NoError(b, err)
+		waitEvent(b, events, task.ID, "ready", time.Minute)
+		b.StopTimer()
+		must.NoError(b, d.StopTask(task.ID, 30*time.Second, ""))
+		must.NoError(b, d.DestroyTask(task.ID, true))
+		b.StartTimer()
+	}
+}
+
+func benchBare(b *testing.B, toplevel string) {
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		name := fmt.Sprintf("benchbare%d", i)
+		root := filepath.Join(b.TempDir(), "root")
+		must.NoError(b, nspawn.PrepareRoot(root))
+		b.StartTimer()
+		out, err := exec.Command("systemd-run", "--quiet", "--unit="+name,
+			"-p", "Type=notify", "-p", "NotifyAccess=all", "-p", "Delegate=yes", "-p", "RemainAfterExit=yes", "-p", "KillMode=mixed",
+			"systemd-nspawn", "--quiet", "--keep-unit", "--settings=no", "-D", root, "-M", name, "-U",
+			"--bind-ro=/nix/store", "--notify-ready=yes", "--kill-signal=SIGRTMIN+3", "--console=read-only",
+			"--link-journal=no", "--network-veth", toplevel+"/init").CombinedOutput()
+		b.StopTimer()
+		must.NoError(b, err, must.Sprint(string(out)))
+		_ = exec.Command("systemctl", "stop", name).Run()
+		_ = exec.Command("systemctl", "reset-failed", name).Run()
+		must.NoError(b, nspawn.RemoveRoot(root))
+		b.StartTimer()
+	}
+}
+
+// The resident memory of the real plugin binary, served over go-plugin as Nomad does, while it
+// follows a number of running machines.
+func BenchmarkPluginRSS(b *testing.B) {
+	binary := os.Getenv("NIXOS_NSPAWN_PLUGIN")
+	toplevel := os.Getenv("NIXOS_NSPAWN_TINY_TOPLEVEL")
+	if binary == "" || toplevel == "" {
+		b.Fatal("NIXOS_NSPAWN_PLUGIN and NIXOS_NSPAWN_TINY_TOPLEVEL must be set: run through `make bench`")
+	}
+	for i := 0; i < b.N; i++ {
+		for _, machines := range []int{0, 10} {
+			b.ReportMetric(pluginRSS(b, binary, toplevel, machines), fmt.Sprintf("RSS-MiB/%d-machines", machines))
+		}
+	}
+}
+
+func pluginRSS(b *testing.B, binary, toplevel string, machines int) float64 {
+	client := plugin.NewClient(&plugin.ClientConfig{
+		HandshakeConfig:  base.Handshake,
+		Plugins:          map[string]plugin.Plugin{base.PluginTypeDriver: drivers.NewDriverPlugin(nil, hclog.NewNullLogger())},
+		Cmd:              exec.Command(binary),
+		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
+		Logger:           hclog.NewNullLogger(),
+	})
+	defer client.Kill()
+	rpc, err := client.Client()
+	must.NoError(b, err)
+	raw, err := rpc.Dispense(base.PluginTypeDriver)
+	must.NoError(b, err)
+	d := raw.(drivers.DriverPlugin)
+	var cfg []byte
+	must.NoError(b, base.MsgPackEncode(&cfg, &PluginConfig{Enabled: true, DataDir: b.TempDir(), Slice: defaultSlice, TasksMax: defaultTasksMax}))
+	must.NoError(b, d.SetConfig(&base.Config{PluginConfig: cfg, AgentConfig: &base.AgentConfig{
+		Driver: &base.ClientDriverConfig{Topology: numalib.Scan(numalib.PlatformScanners(false))},
+	}}))
+	var ids []string
+	for i := 0; i < machines; i++ {
+		task := benchTask(b, toplevel, fmt.Sprintf("rss%d", i))
+		_, _, err := d.StartTask(task)
+		must.NoError(b, err)
+		ids = append(ids, task.ID)
+	}
+	defer func() {
+		for _, id := range ids {
+			_ = d.StopTask(id, 10*time.Second, "")
+			_ = d.DestroyTask(id, true)
+		}
+	}()
+	// Let the watchers settle into their steady state.
+	time.Sleep(3 * time.Second)
+	return vmRSS(b, client.ReattachConfig().Pid)
+}
+
+// benchTask is a task with bare alloc directories and no log collection.
+func benchTask(b *testing.B, toplevel, name string) *drivers.TaskConfig {
+	allocID := uuid.Generate()
+	allocDir := b.TempDir()
+	for _, d := range []string{"alloc/logs", name + "/local", name + "/secrets"} {
+		must.NoError(b, os.MkdirAll(filepath.Join(allocDir, d), 0o777))
+	}
+	cfg := &drivers.TaskConfig{
+		ID: allocID + "/" + name + "/" + uuid.Generate()[:8], Name: name, AllocID: allocID, AllocDir: allocDir,
+		StdoutPath: "/dev/null", StderrPath: "/dev/null",
+		Resources: &drivers.Resources{
+			NomadResources: &structs.AllocatedTaskResources{Memory: structs.AllocatedMemoryResources{MemoryMB: 256}},
+			LinuxResources: &drivers.LinuxResources{},
+		},
+	}
+	must.NoError(b, cfg.EncodeConcreteDriverConfig(&TaskConfig{Toplevel: toplevel, ReadyTimeout: "60s", PrivateUsers: "pick", RebootPolicy: "exit"}))
+	return cfg
+}
+
+func vmRSS(b *testing.B, pid int) float64 {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	must.NoError(b, err)
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			must.NoError(b, err)
+			return float64(kb) / 1024
+		}
+	}
+	b.Fatal("no VmRSS")
+	return 0
+}
