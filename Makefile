@@ -52,5 +52,7 @@ clean: testhost-down
 # Start-to-READY through the driver vs bare systemd-run + nspawn, and the plugin's RSS.
 bench: testhost-ready
 	@set -a; . $(FIXTURES_ENV); set +a; \
+	$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+		-test.run '^$$' -test.bench StartToReady -test.benchtime $(or $(BENCHTIME),10x); \
 	NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
-		-test.run '^$$' -test.bench . -test.benchtime $(or $(BENCHTIME),10x) -test.benchmem=false
+		-test.run '^$$' -test.bench PluginRSS -test.benchtime 1x

@@ -18,7 +18,11 @@ import (
 
 // pollInterval is how often a handle reads its unit's state. Exit latency, not correctness, depends
 // on it: the unit keeps its exit status until the task is destroyed.
-const pollInterval = 100 * time.Millisecond
+const (
+	pollInterval     = 100 * time.Millisecond
+	bootPollInterval = 20 * time.Millisecond
+	bootPollWindow   = 10 * time.Second
+)
 
 const (
 	// consoleTailLines is how much of the console an error about a failed machine quotes.
@@ -84,8 +88,6 @@ func (h *taskHandle) status() *drivers.TaskStatus {
 // (the plugin shuts down or the task is destroyed), leaving the machine alone.
 func (h *taskHandle) run(ctx context.Context) {
 	failures := 0
-	ticker := time.NewTicker(pollInterval)
-	defer ticker.Stop()
 	for {
 		st, err := h.mgr.Status(ctx, h.state.Unit)
 		switch {
@@ -120,12 +122,24 @@ func (h *taskHandle) run(ctx context.Context) {
 				return
 			}
 		}
+		// Readiness is reported as soon as it is seen: poll fast while a guest boots, but not
+		// for a whole ready_timeout, which would load systemd for a guest that never gets ready.
+		interval := pollInterval
+		if !h.isReady() && time.Since(h.state.StartedAt) < bootPollWindow {
+			interval = bootPollInterval
+		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-ticker.C:
+		case <-time.After(interval):
 		}
 	}
+}
+
+func (h *taskHandle) isReady() bool {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.ready
 }
 
 // observe notes readiness and OOM kills of a live machine, and reports them as task events.

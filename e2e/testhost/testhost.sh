@@ -225,7 +225,8 @@ verify() {
 }
 
 cmd_up() {
-	if is_ready; then
+	# A host that binds another checkout would run that checkout's test binaries.
+	if is_ready && [[ $(cat "$RUN_DIR/share" 2>/dev/null) == "$SHARE_DIR" ]]; then
 		return 0
 	fi
 	if is_running || [[ -d $RUN_DIR ]]; then
@@ -237,6 +238,7 @@ cmd_up() {
 	boot
 	setup_cgroups
 	verify
+	echo "$SHARE_DIR" >"$RUN_DIR/share"
 	touch "$RUN_DIR/ready"
 	log "ready: nspawn pid $(nspawn_pid), leader pid $(leader_pid)"
 }
