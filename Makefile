@@ -38,7 +38,7 @@ integration: testhost-ready
 	@set -a; . $(FIXTURES_ENV); set +a; \
 	for p in $(INTEGRATION_PKGS); do \
 		echo "== integration tests of $$p (in the systemd test host)"; \
-		$(TESTHOST) exec $(CURDIR)/$(BUILD)/$$p.integration.test -test.v -test.count=1 -test.timeout=30m || exit 1; \
+		(cd $$p && $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/$$p.integration.test -test.v -test.count=1 -test.timeout=30m) || exit 1; \
 	done
 
 test: lint unit integration
@@ -51,8 +51,8 @@ clean: testhost-down
 
 # Start-to-READY through the driver vs bare systemd-run + nspawn, and the plugin's RSS.
 bench: testhost-ready
-	@set -a; . $(FIXTURES_ENV); set +a; \
-	$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+	@set -a; . $(FIXTURES_ENV); set +a; cd driver; \
+	$(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.run '^$$' -test.bench StartToReady -test.benchtime $(or $(BENCHTIME),10x); \
-	NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+	NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.run '^$$' -test.bench PluginRSS -test.benchtime 1x

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -29,13 +30,45 @@ func TestExitCodes(t *testing.T) {
 		t.Run(fmt.Sprint(code), func(t *testing.T) {
 			cfg := td.newTask(t, fmt.Sprintf("exit%d", code), tinyToplevel(t), []string{fmt.Sprintf("exit=%d", code), "sleep=500ms"})
 			td.start(t, cfg)
+			// Several waiters, before and after the exit, all get the same result.
+			early, err := td.WaitTask(context.Background(), cfg.ID)
+			must.NoError(t, err)
 			res := td.waitExit(t, cfg.ID, time.Minute)
 			must.NoError(t, res.Err)
 			must.Eq(t, code, res.ExitCode)
 			must.Eq(t, 0, res.Signal)
+			must.Eq(t, res, <-early)
+			must.Eq(t, res, td.waitExit(t, cfg.ID, time.Second))
 			waitLog(t, cfg, "tinyinit: ready", 5*time.Second)
 		})
 	}
+	t.Run("PID 1 killed by a signal", func(t *testing.T) {
+		cfg := td.newTask(t, "killed", tinyToplevel(t), nil)
+		td.start(t, cfg)
+		waitLog(t, cfg, "tinyinit: ready", 30*time.Second)
+		must.NoError(t, td.SignalTask(cfg.ID, "SIGKILL"))
+		res := td.waitExit(t, cfg.ID, time.Minute)
+		must.NoError(t, res.Err)
+		must.Eq(t, int(syscall.SIGKILL), res.Signal)
+		must.Eq(t, 128+int(syscall.SIGKILL), res.ExitCode)
+	})
+	t.Run("reboot_policy restart boots again in place", func(t *testing.T) {
+		cfg := td.newTask(t, "rebootin", tinyToplevel(t), []string{"reboot-once"}, func(_ *drivers.TaskConfig, tc *TaskConfig) {
+			tc.RebootPolicy = string(nspawn.RebootRestart)
+		})
+		td.start(t, cfg)
+		must.Wait(t, wait.InitialSuccess(
+			wait.BoolFunc(func() bool { return strings.Count(logs(t, cfg), "tinyinit: ready") == 2 }),
+			wait.Timeout(30*time.Second), wait.Gap(100*time.Millisecond),
+		), must.Sprintf("the machine did not boot twice:\n%s", logs(t, cfg)))
+		status, err := td.InspectTask(cfg.ID)
+		must.NoError(t, err)
+		must.Eq(t, drivers.TaskStateRunning, status.State)
+		must.NoError(t, td.StopTask(cfg.ID, 30*time.Second, ""))
+		res := td.waitExit(t, cfg.ID, time.Minute)
+		must.NoError(t, res.Err)
+		must.Eq(t, 0, res.ExitCode)
+	})
 	t.Run("42 from systemctl exit in a systemd guest", func(t *testing.T) {
 		cfg := td.newTask(t, "exit42", systemdToplevel(t), []string{"systemd.wants=exit42.service"})
 		td.start(t, cfg)
@@ -176,6 +209,13 @@ func TestStatsSignalExec(t *testing.T) {
 		waitLog(t, cfg, "envcheck: NOMAD_TASK_NAME=busy", 30*time.Second)
 	})
 
+	t.Run("host tools see the machine", func(t *testing.T) {
+		machine := mustMachine(t, cfg)
+		must.StrContains(t, run(t, "machinectl", "list", "--no-legend"), machine)
+		must.StrContains(t, run(t, "systemctl", "-M", machine, "is-active", "longrun.service"), "active")
+		must.StrContains(t, run(t, "journalctl", "-M", machine, "--no-pager", "-u", "longrun.service"), "longrun: started")
+	})
+
 	t.Run("limits on the unit", func(t *testing.T) {
 		out := run(t, "systemctl", "show", "-p", "MemoryMax", "-p", "CPUWeight", "-p", "TasksMax", "-p", "Delegate", "-p", "KillMode", nspawn.UnitName(mustMachine(t, cfg)))
 		must.StrContains(t, out, fmt.Sprintf("MemoryMax=%d", 256<<20))
@@ -200,6 +240,25 @@ func TestSignalReachesGuestPID1(t *testing.T) {
 	must.NoError(t, td.SignalTask(cfg.ID, "SIGUSR1"))
 	waitLog(t, cfg, "tinyinit: got signal SIGUSR1", 10*time.Second)
 	must.Error(t, td.SignalTask(cfg.ID, "SIGNOPE"))
+}
+
+// Machines always run in a user namespace of a range picked by nspawn, never the host's IDs.
+func TestUserNamespace(t *testing.T) {
+	td := newTestDriver(t, "")
+	cfg := td.newTask(t, "userns", tinyToplevel(t), nil)
+	td.start(t, cfg)
+	waitLog(t, cfg, "tinyinit: ready", 30*time.Second)
+	leader, err := td.d.mgr.Leader(mustMachine(t, cfg))
+	must.NoError(t, err)
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/uid_map", leader))
+	must.NoError(t, err)
+	f := strings.Fields(string(b))
+	must.Len(t, 3, f, must.Sprintf("uid_map: %q", b))
+	base, err := strconv.Atoi(f[1])
+	must.NoError(t, err)
+	must.Eq(t, "0", f[0])
+	must.GreaterEq(t, userRangeFirst, base)
+	must.Eq(t, fmt.Sprint(userRangeSize), f[2])
 }
 
 func TestDirsAndEnvironment(t *testing.T) {

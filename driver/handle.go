@@ -180,7 +180,12 @@ func (h *taskHandle) finish(ctx context.Context, st *nspawn.UnitStatus, failure 
 	if ctx.Err() != nil {
 		return
 	}
-	tail := nspawn.ConsoleTail(h.journalctl, h.state.InvocationID, consoleTailLines)
+	// The last invocation: a machine that rebooted in place runs in a new one.
+	invocation := h.state.InvocationID
+	if st != nil && st.InvocationID != "" {
+		invocation = st.InvocationID
+	}
+	tail := nspawn.ConsoleTail(h.journalctl, invocation, consoleTailLines)
 	res := &drivers.ExitResult{ExitCode: -1}
 	if st != nil {
 		// Only the console tells a guest PID 1 killed by a signal apart from exit status 1.

@@ -68,7 +68,8 @@ func newTestDriver(t *testing.T, dataDir string, mutate ...func(*PluginConfig)) 
 	}
 	d := NewDriver(hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Debug, Output: testWriter{t}}))
 	h := dtestutil.NewDriverHarness(t, d)
-	pc := PluginConfig{Enabled: true, DataDir: dataDir, Slice: defaultSlice, TasksMax: defaultTasksMax}
+	pc := readmePluginConfig(t)
+	pc.DataDir = dataDir
 	for _, m := range mutate {
 		m(&pc)
 	}

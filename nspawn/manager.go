@@ -187,7 +187,11 @@ func (m *Manager) Remove(ctx context.Context, unit string) error {
 		_ = c.KillUnitWithTarget(ctx, unit, sddbus.All, int32(syscall.SIGKILL))
 	}
 	done := make(chan string, 1)
-	if _, err := c.StopUnitContext(ctx, unit, "replace", done); err != nil && !isNoSuchUnit(err) {
+	if _, err := c.StopUnitContext(ctx, unit, "replace", done); err != nil {
+		// The kill may have ended and unloaded it already: then no stop job will report.
+		if isNoSuchUnit(err) {
+			return nil
+		}
 		return fmt.Errorf("stopping unit %s: %w", unit, err)
 	}
 	select {
