@@ -246,8 +246,8 @@ func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspa
 		Journalctl: pc.JournalctlPath,
 		Unit:       spec.Unit(),
 		CursorFile: nspawn.CursorPath(filepath.Dir(spec.Root)),
-		FIFO:       cfg.StdoutPath,
-		StderrFIFO: cfg.StderrPath,
+		FIFO:       orDevNull(cfg.StdoutPath),
+		StderrFIFO: orDevNull(cfg.StderrPath),
 	}
 	if err := d.mgr.StartUnit(ctx, nspawn.ConsoleUnit(spec.Machine), console.UnitProperties(d.self)); err != nil {
 		return nspawn.UnitStatus{}, fmt.Errorf("starting the console forwarder: %w", err)
@@ -271,6 +271,14 @@ func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspa
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// orDevNull is where output goes that Nomad gave no log path for.
+func orDevNull(path string) string {
+	if path == "" {
+		return os.DevNull
+	}
+	return path
 }
 
 // track creates the handle of a started or recovered machine and starts following it.

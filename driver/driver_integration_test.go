@@ -8,6 +8,7 @@ package driver
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -278,6 +279,39 @@ func TestDirsAndEnvironment(t *testing.T) {
 	must.StrContains(t, string(env), `NOMAD_TASK_NAME="dirs"`)
 }
 
+// The console goes through the journal: a machine never blocks on a missing log reader, and a
+// reader that comes late still gets every line, once.
+func TestConsoleWithoutReader(t *testing.T) {
+	td := newTestDriver(t, "")
+	const lines = 2000
+	cfg := td.newTask(t, "noreader", tinyToplevel(t), []string{fmt.Sprintf("lines=%d", lines), "exit=0"})
+	fifo := filepath.Join(t.TempDir(), "stdout.fifo")
+	must.NoError(t, syscall.Mkfifo(fifo, 0o600))
+	cfg.StdoutPath = fifo
+	td.start(t, cfg)
+
+	unit := nspawn.UnitName(mustMachine(t, cfg))
+	must.Wait(t, wait.InitialSuccess(
+		wait.BoolFunc(func() bool {
+			st, err := td.d.mgr.Status(context.Background(), unit)
+			return err == nil && !st.Running()
+		}),
+		wait.Timeout(30*time.Second), wait.Gap(100*time.Millisecond),
+	), must.Sprint("the machine did not end while its console had no reader"))
+
+	reader, err := os.Open(fifo)
+	must.NoError(t, err)
+	defer reader.Close()
+	out, err := io.ReadAll(reader)
+	must.NoError(t, err)
+	for i := 1; i <= lines; i++ {
+		must.Eq(t, 1, strings.Count(string(out), fmt.Sprintf("tinyinit line %d\n", i)), must.Sprintf("line %d", i))
+	}
+	res := td.waitExit(t, cfg.ID, time.Minute)
+	must.NoError(t, res.Err)
+	must.Eq(t, 0, res.ExitCode)
+}
+
 // A plugin that dies and comes back re-attaches to the running machine, and a later exit, or one
 // that happened while it was down, is reported exactly, with the console neither lost nor repeated.
 func TestRecoverAfterPluginRestart(t *testing.T) {
@@ -345,6 +379,14 @@ func TestFingerprint(t *testing.T) {
 			_, ok := fp.Attributes[attrPrefix+attr]
 			must.True(t, ok, must.Sprintf("missing attribute %s", attr))
 		}
+	})
+	t.Run("unhealthy without systemd on the bus", func(t *testing.T) {
+		t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/system_bus_socket")
+		td := newTestDriver(t, "")
+		fp := firstFingerprint(t, td)
+		must.Eq(t, drivers.HealthStateUnhealthy, fp.Health)
+		must.StrContains(t, fp.HealthDescription, "systemd is not reachable over D-Bus")
+		must.StrContains(t, fp.HealthDescription, "systemd-machined is not reachable")
 	})
 	t.Run("unhealthy without nspawn", func(t *testing.T) {
 		td := newTestDriver(t, "", func(c *PluginConfig) { c.NspawnPath = "/nonexistent/systemd-nspawn" })
