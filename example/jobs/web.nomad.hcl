@@ -1,0 +1,56 @@
+# This Source Code Form is subject to the terms of the Mozilla Public
+# License, v. 2.0. If a copy of the MPL was not distributed with this
+# file, You can obtain one at https://mozilla.org/MPL/2.0/.
+#
+# The "web" system (example/systems/web.nix) as a Nomad service job.
+#
+# The toplevel must already be in the client's /nix/store. From the repository
+# root, on a machine with Nix:
+#   toplevel=$(nix build --no-link --print-out-paths .#nixosConfigurations.web.config.system.build.toplevel)
+#   nix copy --to ssh://root@client "$toplevel"
+#   nomad job run -var "toplevel=$toplevel" example/jobs/web.nomad.hcl
+# (or push it to a binary cache the client uses and run `nix-store --realise "$toplevel"`
+# there). The driver adds no GC root: see example/README.md.
+
+variable "toplevel" {
+  type        = string
+  description = "Store path of the web system, e.g. /nix/store/<hash>-nixos-system-web-25.05.<date>.<rev>"
+}
+
+job "web" {
+  type = "service"
+
+  group "web" {
+    task "web" {
+      driver = "nixos-nspawn"
+
+      config {
+        toplevel      = var.toplevel
+        ready_timeout = "2m"
+      }
+
+      # Room for the guest's orderly shutdown (systemd stops nginx and the
+      # rest) before what is left is killed; Nomad's default is 5s. The
+      # client caps it at its max_kill_timeout (30s by default).
+      kill_timeout = "30s"
+
+      resources {
+        cpu    = 200
+        memory = 256
+      }
+
+      # nginx listens on port 80 of the machine's own address (its veth link).
+      # That address only reaches Nomad once the driver reports it (the
+      # networking work, not done yet): until then Nomad logs
+      #   cannot use address_mode="driver": no driver network exists
+      # and registers nothing, while the task itself runs. Meanwhile, on the
+      # client: machinectl status nomad-<alloc>-web shows the address.
+      service {
+        name         = "web"
+        provider     = "nomad"
+        port         = 80
+        address_mode = "driver"
+      }
+    }
+  }
+}

@@ -1,0 +1,113 @@
+# This Source Code Form is subject to the terms of the Mozilla Public
+# License, v. 2.0. If a copy of the MPL was not distributed with this
+# file, You can obtain one at https://mozilla.org/MPL/2.0/.
+#
+# NixOS module for a Nomad CLIENT that runs the nomad-driver-nixos plugin
+# (task driver "nixos-nspawn"), on top of nixpkgs' services.nomad.
+# `package` has no default here; the flake's nixosModules.host sets it.
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.nomad-driver-nixos;
+  json = pkgs.formats.json { };
+  nftables = config.networking.nftables.enable;
+in
+{
+  options.services.nomad-driver-nixos = {
+    enable = lib.mkEnableOption "the nomad-driver-nixos Nomad task driver plugin (driver \"nixos-nspawn\") on this Nomad client";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      description = ''
+        The plugin package; it must contain `bin/nomad-driver-nixos`. The
+        flake's `nixosModules.host` defaults it to the flake's
+        `packages.<system>.default`.
+      '';
+    };
+
+    settings = lib.mkOption {
+      type = lib.types.submodule {
+        freeformType = json.type;
+        options = {
+          enabled = lib.mkOption {
+            type = lib.types.bool;
+            default = true;
+            description = "`false` makes the driver undetected and refuse tasks.";
+          };
+          data_dir = lib.mkOption {
+            type = lib.types.str;
+            default = "/var/lib/nomad-driver-nixos";
+            description = "Machine roots and per-machine state live in `<data_dir>/machines/<machine>/`.";
+          };
+        };
+      };
+      default = { };
+      example = {
+        slice = "machine.slice";
+        tasks_max = 4096;
+      };
+      description = ''
+        The plugin's configuration: the `config` block of
+        `plugin "nomad-driver-nixos"` in the Nomad agent configuration. Other
+        keys (`slice`, `tasks_max`, `nspawn_path`, `systemd_run_path`,
+        `journalctl_path`, `nsenter_path`) are passed on as given; see the
+        project README for their meaning and defaults.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = config.security.allowUserNamespaces;
+        message = "services.nomad-driver-nixos: every machine runs in a user namespace; security.allowUserNamespaces must be true";
+      }
+    ];
+
+    services.nomad = {
+      enable = lib.mkDefault true;
+      # The driver creates machines and transient units: Nomad runs as root.
+      dropPrivileges = false;
+      # nixpkgs links the bin/ of each of these into Nomad's -plugin-dir.
+      extraSettingsPlugins = [ cfg.package ];
+      # The plugin finds systemd-nspawn, systemd-run and journalctl (systemd)
+      # and nsenter (util-linux) in PATH, which it inherits from the agent.
+      extraPackages = [
+        config.systemd.package
+        pkgs.util-linux
+      ];
+      settings = {
+        client.enabled = lib.mkDefault true;
+        plugin."nomad-driver-nixos".config = cfg.settings;
+        # Without it Nomad asks drivers for no resource usage at all.
+        telemetry.publish_allocation_metrics = lib.mkDefault true;
+      };
+    };
+
+    # Host end of each machine's veth (ve-<machine>): networkd's stock
+    # 80-container-ve.network gives it an address, a DHCP server for the
+    # guest and masquerading. NixOS reads that stock file once networkd runs.
+    systemd.network.enable = true;
+    # With scripted networking networkd manages no link at boot, and its
+    # wait-online would hold network-online.target (and Nomad) for 2 minutes.
+    systemd.network.wait-online.enable = lib.mkIf (!config.networking.useNetworkd) (lib.mkDefault false);
+    # Other network managers must leave the ve-* links to networkd.
+    networking.dhcpcd.denyInterfaces = [ "ve-*" ];
+    networking.networkmanager.unmanaged = [ "interface-name:ve-*" ];
+
+    # The guests' DHCP requests (UDP 67) must get through the host firewall,
+    # which drops them by default. Nothing else on the host is opened to them.
+    networking.firewall = lib.mkMerge [
+      (lib.mkIf (!nftables) {
+        # iptables: "+" is its interface wildcard.
+        interfaces."ve-+".allowedUDPPorts = [ 67 ];
+      })
+      (lib.mkIf nftables {
+        # The nftables firewall writes interface names unquoted; a quoted
+        # "ve-*" is nft's wildcard.
+        extraInputRules = ''
+          iifname "ve-*" udp dport 67 accept comment "DHCP from nixos-nspawn machines"
+        '';
+      })
+    ];
+  };
+}
