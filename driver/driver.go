@@ -217,7 +217,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		_ = d.removeMachine(context.Background(), spec.Machine, cfg.AllocID)
 		return nil, nil, fmt.Errorf("saving task state: %w", err)
 	}
-	d.track(cfg, state, opts.readyTimeout)
+	d.track(cfg, state, opts.readyTimeout, false)
 	return handle, nil, nil
 }
 
@@ -282,7 +282,8 @@ func orDevNull(path string) string {
 }
 
 // track creates the handle of a started or recovered machine and starts following it.
-func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout time.Duration) *taskHandle {
+// reported says whether readiness was already reported (by the plugin before a restart).
+func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout time.Duration, reported bool) *taskHandle {
 	d.mu.RLock()
 	cgroups := d.cgroups
 	d.mu.RUnlock()
@@ -296,6 +297,7 @@ func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout ti
 		taskConfig:   cfg,
 		state:        state,
 		readyTimeout: readyTimeout,
+		ready:        reported,
 		doneCh:       make(chan struct{}),
 		cancel:       cancel,
 	}
@@ -334,7 +336,8 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	if err != nil {
 		return err
 	}
-	d.track(handle.Config, state, opts.readyTimeout)
+	// A machine that got ready before the restart had its readiness reported then.
+	d.track(handle.Config, state, opts.readyTimeout, st.EverActive)
 	return nil
 }
 

@@ -436,6 +436,34 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 	}
 }
 
+// Many tasks at once share the driver's bus connection, which no single call may close.
+func TestConcurrentStarts(t *testing.T) {
+	td := newTestDriver(t, "")
+	// The fingerprint's own short timeout once closed the shared connection under the tasks.
+	firstFingerprint(t, td)
+	const n = 6
+	cfgs := make([]*drivers.TaskConfig, n)
+	for i := range cfgs {
+		cfgs[i] = td.newTask(t, fmt.Sprintf("par%d", i), tinyToplevel(t), []string{"exit=0", "sleep=1s"})
+	}
+	errs := make(chan error, n)
+	for _, cfg := range cfgs {
+		go func() {
+			_, _, err := td.StartTask(cfg)
+			errs <- err
+		}()
+	}
+	for range cfgs {
+		must.NoError(t, <-errs)
+	}
+	for _, cfg := range cfgs {
+		t.Cleanup(func() { _ = td.d.DestroyTask(cfg.ID, true) })
+		res := td.waitExit(t, cfg.ID, time.Minute)
+		must.NoError(t, res.Err)
+		must.Eq(t, 0, res.ExitCode)
+	}
+}
+
 // Start and destroy machines over and over: nothing may pile up.
 func TestCyclesLeaveNothing(t *testing.T) {
 	dataDir := t.TempDir()

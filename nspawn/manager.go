@@ -28,7 +28,7 @@ type Manager struct {
 // NewManager returns a manager that connects lazily.
 func NewManager() *Manager { return &Manager{} }
 
-func (m *Manager) sd(ctx context.Context) (*sddbus.Conn, error) {
+func (m *Manager) sd() (*sddbus.Conn, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.systemd != nil && m.systemd.Connected() {
@@ -37,7 +37,9 @@ func (m *Manager) sd(ctx context.Context) (*sddbus.Conn, error) {
 	if m.systemd != nil {
 		m.systemd.Close()
 	}
-	c, err := sddbus.NewSystemConnectionContext(ctx)
+	// The connection is shared by every task and outlives any one call: godbus closes a
+	// connection when the context it was opened with ends, so ctx must not be that context.
+	c, err := sddbus.NewSystemConnectionContext(context.Background())
 	if err != nil {
 		m.systemd = nil
 		return nil, fmt.Errorf("connecting to systemd over D-Bus: %w", err)
@@ -73,7 +75,7 @@ func (m *Manager) Close() {
 
 // SystemdVersion is the version systemd reports, e.g. "252.39-1~deb12u1".
 func (m *Manager) SystemdVersion(ctx context.Context) (string, error) {
-	c, err := m.sd(ctx)
+	c, err := m.sd()
 	if err != nil {
 		return "", err
 	}
@@ -106,7 +108,7 @@ func (m *Manager) Start(ctx context.Context, s *Spec) error {
 // StartUnit starts a transient unit, refusing to replace one of the same name, which would
 // belong to another task.
 func (m *Manager) StartUnit(ctx context.Context, unit string, props []sddbus.Property) error {
-	c, err := m.sd(ctx)
+	c, err := m.sd()
 	if err != nil {
 		return err
 	}
@@ -118,7 +120,7 @@ func (m *Manager) StartUnit(ctx context.Context, unit string, props []sddbus.Pro
 
 // Status reads the unit's state. A unit systemd does not know has LoadState "not-found".
 func (m *Manager) Status(ctx context.Context, unit string) (UnitStatus, error) {
-	c, err := m.sd(ctx)
+	c, err := m.sd()
 	if err != nil {
 		return UnitStatus{}, err
 	}
@@ -157,7 +159,7 @@ func str(v any) string { s, _ := v.(string); return s }
 
 // Kill sends sig to the unit's main process (nspawn) or to all of its processes.
 func (m *Manager) Kill(ctx context.Context, unit string, all bool, sig syscall.Signal) error {
-	c, err := m.sd(ctx)
+	c, err := m.sd()
 	if err != nil {
 		return err
 	}
@@ -171,7 +173,7 @@ func (m *Manager) Kill(ctx context.Context, unit string, all bool, sig syscall.S
 // Remove stops the unit if it runs, kills what is left, and unloads it (reset-failed), so its name
 // is free again. It succeeds when there is no such unit.
 func (m *Manager) Remove(ctx context.Context, unit string) error {
-	c, err := m.sd(ctx)
+	c, err := m.sd()
 	if err != nil {
 		return err
 	}
