@@ -8,7 +8,7 @@ FIXTURES_ENV := $(or $(NIXOS_NSPAWN_CACHE),/var/cache/nomad-driver-nixos)/fixtur
 # Packages that hold test binaries run inside the systemd test host.
 INTEGRATION_PKGS := driver
 
-.PHONY: all build lint unit testhost-ready integration bench test testhost-down clean
+.PHONY: all build lint unit testhost-ready integration nix-parse e2e bench test demo demo-stop testhost-down clean
 
 all: build
 
@@ -21,6 +21,7 @@ lint:
 	if [ -n "$$unformatted" ]; then echo "not gofmt-formatted:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags integration ./...
+	$(GO) vet -tags e2e ./...
 
 # Pure logic; runs anywhere.
 unit:
@@ -41,7 +42,26 @@ integration: testhost-ready
 		(cd $$p && $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/$$p.integration.test -test.v -test.count=1 -test.timeout=30m) || exit 1; \
 	done
 
-test: lint unit integration
+# A real Nomad v1.11.3 agent (built from source, cached) runs the driver inside the test host; the
+# tests talk to it only through the nomad CLI and the HTTP API.
+e2e: testhost-ready
+	e2e/nomad/build.sh
+	e2e/agent/agent.sh up
+	@set -a; . $(FIXTURES_ENV); set +a; \
+	$(GO) test -count=1 -tags e2e -v -timeout 30m ./e2e/
+
+# nixpkgs is out of reach here, so every .nix file is parsed, not evaluated.
+nix-parse:
+	example/check.sh
+
+test: lint unit integration nix-parse e2e
+
+# From nothing to a NixOS-style machine under a Nomad agent; see the README.
+demo:
+	e2e/demo.sh up
+
+demo-stop:
+	e2e/demo.sh down
 
 testhost-down:
 	$(TESTHOST) down

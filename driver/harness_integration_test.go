@@ -173,10 +173,13 @@ func logs(t *testing.T, cfg *drivers.TaskConfig) string {
 // waitLog waits until the task's log contains want.
 func waitLog(t *testing.T, cfg *drivers.TaskConfig, want string, timeout time.Duration) {
 	t.Helper()
-	must.Wait(t, wait.InitialSuccess(
+	err := wait.InitialSuccess(
 		wait.BoolFunc(func() bool { return strings.Contains(logs(t, cfg), want) }),
 		wait.Timeout(timeout), wait.Gap(100*time.Millisecond),
-	), must.Sprintf("log of %s never contained %q; it has:\n%s", cfg.Name, want, logs(t, cfg)))
+	).Run()
+	if err != nil {
+		t.Fatalf("log of %s never contained %q; it has:\n%s", cfg.Name, want, logs(t, cfg))
+	}
 }
 
 // waitEvent waits for a task event whose message contains want.

@@ -2,13 +2,21 @@
 # License, v. 2.0. If a copy of the MPL was not distributed with this
 # file, You can obtain one at https://mozilla.org/MPL/2.0/.
 #
-# Configuration of the e2e Nomad agent (e2e/agent/agent.sh runs
-# `nomad agent -dev -bind=127.0.0.1 -config=<this file>` inside the test host).
+# Configuration of the e2e Nomad agent, a single-node server and client that e2e/agent/agent.sh
+# runs inside the test host with `nomad agent -server -client -bootstrap-expect=1 -bind=127.0.0.1
+# -config=<this file>`.
 # plugin_dir and data_dir depend on the checkout and are given by agent.sh as
 # -plugin-dir=<repo>/build/plugins and -data-dir=/var/lib/nomad-e2e.
 #
 # The plugin and telemetry blocks below are copied verbatim from README.md
 # ("Agent configuration"); a test compares them, so change both together.
+
+# Nomad refuses to guess an advertise address on loopback.
+advertise {
+  http = "127.0.0.1"
+  rpc  = "127.0.0.1"
+  serf = "127.0.0.1"
+}
 
 plugin "nomad-driver-nixos" {
   config {

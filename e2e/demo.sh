@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# This Source Code Form is subject to the terms of the Mozilla Public
+# License, v. 2.0. If a copy of the MPL was not distributed with this
+# file, You can obtain one at https://mozilla.org/MPL/2.0/.
+#
+# demo.sh up|down: from nothing to a NixOS-style machine running under a real Nomad agent.
+# `make demo` and `make demo-stop` call it. On a host without systemd as PID 1 everything runs in
+# the systemd test host (e2e/testhost); the Nomad agent and the machines run there.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${NIXOS_NSPAWN_CACHE:-/var/cache/nomad-driver-nixos}
+export NOMAD_ADDR=${NOMAD_ADDR:-http://127.0.0.1:4646}
+NOMAD=$REPO/build/nomad
+JOB=nixos-demo
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+up() {
+	say "Building the plugin, booting the systemd test host, building the demo closure offline"
+	make -C "$REPO" --no-print-directory build
+	"$REPO/e2e/testhost/testhost.sh" up
+	"$REPO/e2e/fixtures/build.sh" >/dev/null
+	# shellcheck disable=SC1091 # written by build.sh
+	. "$CACHE/fixtures.env"
+	say "Building Nomad v1.11.3 from source (cached after the first run) and starting an agent"
+	"$REPO/e2e/nomad/build.sh" >/dev/null
+	"$REPO/e2e/agent/agent.sh" up
+
+	say "Running the job: a Debian systemd booted from /nix/store paths, with a web service"
+	local jobfile
+	jobfile=$(mktemp --suffix=.nomad.hcl)
+	sed "s|@toplevel@|$NIXOS_NSPAWN_SYSTEMD_TOPLEVEL|" "$REPO/e2e/demo.nomad.hcl" >"$jobfile"
+	cat "$jobfile"
+	"$NOMAD" job run "$jobfile"
+	rm -f "$jobfile"
+
+	local alloc=""
+	for _ in $(seq 120); do
+		alloc=$("$NOMAD" job allocs -t '{{range .}}{{if eq .ClientStatus "running"}}{{.ID}}{{end}}{{end}}' "$JOB" 2>/dev/null || true)
+		[[ -n $alloc ]] && break
+		sleep 1
+	done
+	[[ -n $alloc ]] || { "$NOMAD" job status "$JOB"; echo "the allocation did not start" >&2; exit 1; }
+	# Wait for the guest's web service, then give the stats a few samples.
+	for _ in $(seq 60); do
+		"$NOMAD" alloc exec -i=false -t=false -task web "$alloc" /usr/bin/test -s /run/www/index.html 2>/dev/null && break
+		sleep 1
+	done
+	sleep 3
+
+	say "nomad alloc status -stats $alloc"
+	"$NOMAD" alloc status -stats "$alloc"
+	say "nomad alloc logs $alloc web   (the machine's console, last lines)"
+	"$NOMAD" alloc logs "$alloc" web | tail -n 15
+	say "The guest's web service answers (asked from inside the machine with nomad alloc exec)"
+	local bb
+	bb=$(grep -o '/nix/store/[^ ]*-busybox' "$NIXOS_NSPAWN_SYSTEMD_TOPLEVEL/units/web.service" | head -n1)
+	"$NOMAD" alloc exec -i=false -t=false -task web "$alloc" "$bb/bin/busybox" wget -qO- http://127.0.0.1:8080/
+	say "On the host: machinectl list"
+	"$REPO/e2e/testhost/testhost.sh" exec machinectl list
+
+	cat <<-EOF
+
+		Look further (NOMAD_ADDR=$NOMAD_ADDR):
+		  $NOMAD alloc status $alloc
+		  $NOMAD alloc logs -f $alloc web
+		  $NOMAD alloc exec -task web $alloc /bin/sh
+		  $REPO/e2e/testhost/testhost.sh exec machinectl list
+		  $REPO/e2e/testhost/testhost.sh exec systemctl -M nomad-${alloc:0:8}-web list-units
+		  Nomad UI: $NOMAD_ADDR/ui/allocations/$alloc
+		Tear it all down with: make demo-stop
+	EOF
+}
+
+down() {
+	"$NOMAD" job stop -purge "$JOB" >/dev/null 2>&1 || true
+	"$REPO/e2e/agent/agent.sh" down || true
+	"$REPO/e2e/testhost/testhost.sh" down
+}
+
+case ${1:-} in
+up) up ;;
+down) down ;;
+*)
+	echo "usage: $0 up|down" >&2
+	exit 2
+	;;
+esac

@@ -1,0 +1,197 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+//go:build e2e
+
+package e2e
+
+import (
+	"errors"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/shoenig/test/must"
+)
+
+func tiny(t *testing.T) string    { return env(t, "NIXOS_NSPAWN_TINY_TOPLEVEL") }
+func systemd(t *testing.T) string { return env(t, "NIXOS_NSPAWN_SYSTEMD_TOPLEVEL") }
+
+func TestNodeFingerprint(t *testing.T) {
+	out := nomad(t, "node", "status", "-self", "-verbose")
+	for _, attr := range []string{"driver.nixos-nspawn.version", "driver.nixos-nspawn.systemd_version", "driver.nixos-nspawn.cgroup_mode", "driver.nixos-nspawn.machined"} {
+		must.StrContains(t, out, attr)
+	}
+	healthy := false
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[0] == "nixos-nspawn" && f[1] == "true" && f[2] == "true" {
+			healthy = true
+		}
+	}
+	must.True(t, healthy, must.Sprintf("nixos-nspawn is not detected and healthy:\n%s", out))
+}
+
+// A service job booting a systemd guest: what a user looks at.
+func TestServiceJob(t *testing.T) {
+	runJob(t, "e2e-service", job("e2e-service", "service", systemd(t), nil, ""))
+	alloc := waitAlloc(t, "e2e-service", 2*time.Minute, "running", running)
+
+	t.Run("readiness event", func(t *testing.T) {
+		waitAlloc(t, "e2e-service", 30*time.Second, "the readiness event", func(a allocation) bool {
+			return hasEvent(a.TaskStates["t"], "Driver", "Machine is ready")
+		})
+		must.StrContains(t, nomad(t, "alloc", "status", alloc.ID), "Machine is ready")
+	})
+
+	t.Run("logs", func(t *testing.T) {
+		waitOutput(t, 30*time.Second, "longrun: started", func() string {
+			out, _ := nomadErr("alloc", "logs", alloc.ID, "t")
+			return out
+		})
+	})
+
+	t.Run("exec", func(t *testing.T) {
+		must.Eq(t, "systemd\n", nomad(t, "alloc", "exec", "-i=false", "-t=false", "-task", "t", alloc.ID, "/bin/cat", "/proc/1/comm"))
+	})
+
+	t.Run("exec with a TTY", func(t *testing.T) {
+		// script gives the CLI the terminal a user would have.
+		cmd := exec.Command("script", "-qec", fmt.Sprintf("stty cols 91 rows 37; %s alloc exec -t -task t %s /bin/sh -c 'test -t 0 && echo terminal; stty size; exit 5'",
+			filepath.Join(repoRoot, "build", "nomad"), alloc.ID), "/dev/null")
+		cmd.Env = append(cmd.Environ(), "NOMAD_ADDR="+nomadAddr())
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		must.True(t, errors.As(err, &ee), must.Sprintf("%v: %s", err, out))
+		must.Eq(t, 5, ee.ExitCode(), must.Sprint(string(out)))
+		must.StrContains(t, string(out), "terminal")
+		must.StrContains(t, string(out), "37 91")
+	})
+
+	t.Run("stats", func(t *testing.T) {
+		// Burn some CPU in the guest so there is something to see.
+		go func() {
+			_, _ = nomadErr("alloc", "exec", "-i=false", "-t=false", "-task", "t", alloc.ID, "/usr/bin/timeout", "10", "/bin/sh", "-c", "while :; do :; done")
+		}()
+		var stats struct {
+			ResourceUsage struct {
+				MemoryStats struct{ RSS, Usage uint64 }
+				CpuStats    struct{ TotalTicks, Percent float64 }
+			}
+		}
+		waitOutput(t, 30*time.Second, "busy", func() string {
+			api(t, "/v1/client/allocation/"+alloc.ID+"/stats", &stats)
+			u := stats.ResourceUsage
+			if u.MemoryStats.RSS > 0 && u.CpuStats.TotalTicks > 0 {
+				return "busy"
+			}
+			return pretty(stats)
+		})
+		out := nomad(t, "alloc", "status", "-stats", alloc.ID)
+		must.StrContains(t, out, "Memory Stats")
+		must.StrContains(t, out, "CPU Stats")
+	})
+
+	t.Run("machinectl sees the machine", func(t *testing.T) {
+		must.SliceNotEmpty(t, machinesOnHost(t))
+		must.StrContains(t, strings.Join(machinesOnHost(t), " "), "nomad-"+alloc.ID[:8]+"-t")
+	})
+
+	t.Run("stop is an orderly shutdown", func(t *testing.T) {
+		nomad(t, "job", "stop", "-detach", "e2e-service")
+		a := waitAlloc(t, "e2e-service", time.Minute, "completion", func(a allocation) bool { return a.ClientStatus == "complete" })
+		must.True(t, hasEvent(a.TaskStates["t"], "Terminated", "Exit Code: 0"), must.Sprint(pretty(a.TaskStates["t"].Events)))
+	})
+}
+
+func TestSignal(t *testing.T) {
+	runJob(t, "e2e-signal", job("e2e-signal", "service", tiny(t), nil, ""))
+	alloc := waitAlloc(t, "e2e-signal", time.Minute, "running", running)
+	waitOutput(t, 30*time.Second, "tinyinit: ready", func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out })
+	nomad(t, "alloc", "signal", "-s", "SIGUSR1", alloc.ID, "t")
+	waitOutput(t, 30*time.Second, "tinyinit: got signal SIGUSR1", func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out })
+}
+
+func TestBatchJobs(t *testing.T) {
+	t.Run("exit 0 completes", func(t *testing.T) {
+		runJob(t, "e2e-batch0", job("e2e-batch0", "batch", tiny(t), []string{"print=batch-output", "exit=0"}, ""))
+		a := waitAlloc(t, "e2e-batch0", time.Minute, "completion", func(a allocation) bool { return a.ClientStatus == "complete" })
+		must.True(t, hasEvent(a.TaskStates["t"], "Terminated", "Exit Code: 0"), must.Sprint(pretty(a.TaskStates["t"].Events)))
+		must.StrContains(t, nomad(t, "alloc", "logs", a.ID, "t"), "batch-output")
+	})
+	t.Run("exit 3 fails after the restart policy's attempts", func(t *testing.T) {
+		hcl := strings.Replace(job("e2e-batch3", "batch", tiny(t), []string{"exit=3"}, ""), "attempts = 0\n      mode", "attempts = 1\n      delay    = \"1s\"\n      mode", 1)
+		runJob(t, "e2e-batch3", hcl)
+		a := waitAlloc(t, "e2e-batch3", 2*time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
+		ts := a.TaskStates["t"]
+		must.True(t, ts.Failed)
+		must.Eq(t, 1, ts.Restarts, must.Sprint(pretty(ts.Events)))
+		must.True(t, hasEvent(ts, "Terminated", "Exit Code: 3"), must.Sprint(pretty(ts.Events)))
+		must.True(t, hasEvent(ts, "Not Restarting", ""), must.Sprint(pretty(ts.Events)))
+	})
+}
+
+func TestInvalidJob(t *testing.T) {
+	runJob(t, "e2e-invalid", job("e2e-invalid", "batch", "/nix/store/00000000000000000000000000000000-nixos-system-gone", nil, ""))
+	a := waitAlloc(t, "e2e-invalid", time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
+	out := nomad(t, "alloc", "status", a.ID)
+	must.StrContains(t, out, "no such store path on this host", must.Sprint(out))
+}
+
+// The plugin dies: the machine runs on, and its later exit is reported.
+func TestPluginKilled(t *testing.T) {
+	runJob(t, "e2e-pluginkill", job("e2e-pluginkill", "batch", tiny(t), []string{"exit=7", "sleep=15s"}, ""))
+	alloc := waitAlloc(t, "e2e-pluginkill", time.Minute, "running", running)
+	waitOutput(t, 30*time.Second, "tinyinit: ready", func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out })
+	// The plugin process has no arguments; its console forwarders do.
+	host(t, "pkill", "-KILL", "-f", "/plugins/nomad-driver-nixos$")
+	time.Sleep(2 * time.Second)
+	must.Eq(t, "running", allocations(t, "e2e-pluginkill")[0].ClientStatus)
+	a := waitAlloc(t, "e2e-pluginkill", time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
+	must.True(t, hasEvent(a.TaskStates["t"], "Terminated", "Exit Code: 7"), must.Sprint(pretty(a.TaskStates["t"].Events)))
+}
+
+// The agent is killed and comes back: machines are recovered, not restarted.
+func TestAgentKilled(t *testing.T) {
+	runJob(t, "e2e-agentkill", job("e2e-agentkill", "service", tiny(t), nil, ""))
+	alloc := waitAlloc(t, "e2e-agentkill", time.Minute, "running", running)
+	machine := "nomad-" + alloc.ID[:8] + "-t"
+	leader := strings.TrimSpace(host(t, "machinectl", "show", "-p", "Leader", "--value", machine))
+	_, err := strconv.Atoi(leader)
+	must.NoError(t, err)
+
+	host(t, "systemctl", "kill", "--kill-whom=main", "-s", "KILL", "nomad-e2e-agent.service")
+	host(t, "systemctl", "restart", "nomad-e2e-agent.service")
+	waitOutput(t, 2*time.Minute, "ok", func() string {
+		if out, err := nomadErr("node", "status", "-self"); err == nil && strings.Contains(out, "ready") {
+			return "ok"
+		}
+		return ""
+	})
+	waitAlloc(t, "e2e-agentkill", time.Minute, "running", running)
+	must.Eq(t, leader, strings.TrimSpace(host(t, "machinectl", "show", "-p", "Leader", "--value", machine)))
+	must.Eq(t, 0, allocations(t, "e2e-agentkill")[0].TaskStates["t"].Restarts)
+}
+
+// Last: once every job is stopped and purged, nothing of the driver is left on the host.
+func TestZZPurgeLeavesNothing(t *testing.T) {
+	var jobs []struct{ ID string }
+	api(t, "/v1/jobs", &jobs)
+	for _, j := range jobs {
+		nomad(t, "job", "stop", "-purge", j.ID)
+	}
+	waitOutput(t, 2*time.Minute, "clean", func() string {
+		left := machinesOnHost(t)
+		units := strings.TrimSpace(host(t, "sh", "-c", "systemctl list-units --all --no-legend --plain 'nomad-*' | grep -v '^nomad-e2e-agent' || true"))
+		links := strings.TrimSpace(host(t, "sh", "-c", "ip -o link | grep -o 've-nomad[^:@]*' || true"))
+		roots := strings.TrimSpace(host(t, "sh", "-c", "ls /var/lib/nomad-driver-nixos/machines 2>/dev/null || true"))
+		if len(left) == 0 && units == "" && links == "" && roots == "" {
+			return "clean"
+		}
+		return fmt.Sprintf("machines %v\nunits %s\nlinks %s\nroots %s", left, units, links, roots)
+	})
+}

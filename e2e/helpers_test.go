@@ -1,0 +1,217 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+//go:build e2e
+
+// Package e2e drives a real Nomad agent, running the driver inside the systemd test host, the way
+// a user does: through the nomad CLI and the HTTP API. `make e2e` sets it up.
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/shoenig/test/must"
+	"github.com/shoenig/test/wait"
+)
+
+var repoRoot = func() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Dir(filepath.Dir(file))
+}()
+
+func nomadAddr() string {
+	if a := os.Getenv("NOMAD_ADDR"); a != "" {
+		return a
+	}
+	return "http://127.0.0.1:4646"
+}
+
+func env(t *testing.T, name string) string {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		t.Fatalf("%s is not set: run the e2e tests through `make e2e`", name)
+	}
+	return v
+}
+
+// nomad runs the nomad CLI and returns its output; it fails the test on a non-zero exit.
+func nomad(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := nomadErr(args...)
+	must.NoError(t, err, must.Sprintf("nomad %s:\n%s", strings.Join(args, " "), out))
+	return out
+}
+
+func nomadErr(args ...string) (string, error) {
+	cmd := exec.Command(filepath.Join(repoRoot, "build", "nomad"), args...)
+	cmd.Env = append(os.Environ(), "NOMAD_ADDR="+nomadAddr())
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// host runs a command inside the systemd test host, where the agent and the machines run.
+func host(t *testing.T, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(repoRoot, "e2e", "testhost", "testhost.sh"), append([]string{"exec"}, args...)...)
+	out, err := cmd.CombinedOutput()
+	must.NoError(t, err, must.Sprintf("in the test host: %s:\n%s", strings.Join(args, " "), out))
+	return string(out)
+}
+
+// api GETs a Nomad HTTP API path into out.
+func api(t *testing.T, path string, out any) {
+	t.Helper()
+	resp, err := http.Get(nomadAddr() + path)
+	must.NoError(t, err)
+	defer resp.Body.Close()
+	must.Eq(t, http.StatusOK, resp.StatusCode, must.Sprintf("GET %s", path))
+	must.NoError(t, json.NewDecoder(resp.Body).Decode(out))
+}
+
+// runJob registers a job from HCL and purges it when the test ends.
+func runJob(t *testing.T, id, hcl string) {
+	t.Helper()
+	file := filepath.Join(t.TempDir(), id+".nomad.hcl")
+	must.NoError(t, os.WriteFile(file, []byte(hcl), 0o644))
+	nomad(t, "job", "run", "-detach", file)
+	t.Cleanup(func() { _, _ = nomadErr("job", "stop", "-purge", id) })
+}
+
+type taskEvent struct {
+	Type           string
+	DisplayMessage string
+	Details        map[string]string
+}
+
+type taskState struct {
+	State    string
+	Failed   bool
+	Restarts int
+	Events   []taskEvent
+}
+
+type allocation struct {
+	ID           string
+	NodeID       string
+	ClientStatus string
+	TaskStates   map[string]taskState
+}
+
+func allocations(t *testing.T, jobID string) []allocation {
+	t.Helper()
+	var allocs []allocation
+	api(t, "/v1/job/"+jobID+"/allocations", &allocs)
+	return allocs
+}
+
+// waitAlloc waits until the job's first allocation satisfies ok, and returns it.
+func waitAlloc(t *testing.T, jobID string, timeout time.Duration, what string, ok func(allocation) bool) allocation {
+	t.Helper()
+	var last allocation
+	err := wait.InitialSuccess(
+		wait.BoolFunc(func() bool {
+			allocs := allocations(t, jobID)
+			if len(allocs) == 0 {
+				return false
+			}
+			last = allocs[0]
+			return ok(last)
+		}),
+		wait.Timeout(timeout), wait.Gap(250*time.Millisecond),
+	).Run()
+	if err != nil {
+		t.Fatalf("allocation of %s never got %s; last:\n%s", jobID, what, pretty(last))
+	}
+	return last
+}
+
+func running(a allocation) bool { return a.ClientStatus == "running" }
+
+// hasEvent tells whether a task's events hold one of that type whose message contains text.
+func hasEvent(ts taskState, typ, text string) bool {
+	for _, e := range ts.Events {
+		if e.Type == typ && strings.Contains(e.DisplayMessage, text) {
+			return true
+		}
+	}
+	return false
+}
+
+// waitOutput waits until f's output contains want.
+func waitOutput(t *testing.T, timeout time.Duration, want string, f func() string) string {
+	t.Helper()
+	var out string
+	err := wait.InitialSuccess(
+		wait.BoolFunc(func() bool { out = f(); return strings.Contains(out, want) }),
+		wait.Timeout(timeout), wait.Gap(250*time.Millisecond),
+	).Run()
+	if err != nil {
+		t.Fatalf("never saw %q; last output:\n%s", want, out)
+	}
+	return out
+}
+
+// job renders a single-task job for the driver.
+func job(name, typ, toplevel string, initArgs []string, extra string) string {
+	quoted := make([]string, len(initArgs))
+	for i, a := range initArgs {
+		quoted[i] = fmt.Sprintf("%q", a)
+	}
+	return fmt.Sprintf(`job %q {
+  type = %q
+  group "g" {
+    restart {
+      attempts = 0
+      mode     = "fail"
+    }
+    reschedule {
+      attempts  = 0
+      unlimited = false
+    }
+    task "t" {
+      driver = "nixos-nspawn"
+      config {
+        toplevel  = %q
+        init_args = [%s]
+      }
+      resources {
+        cpu    = 200
+        memory = 256
+      }
+      %s
+    }
+  }
+}
+`, name, typ, toplevel, strings.Join(quoted, ", "), extra)
+}
+
+// machinesOnHost lists the driver's machines in the test host.
+func machinesOnHost(t *testing.T) []string {
+	t.Helper()
+	var out []string
+	for _, line := range strings.Split(host(t, "machinectl", "list", "--no-legend"), "\n") {
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "nomad-") {
+			out = append(out, f[0])
+		}
+	}
+	return out
+}
+
+func pretty(v any) string {
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+	return b.String()
+}
