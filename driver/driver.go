@@ -563,7 +563,7 @@ func (d *Driver) exec(ctx context.Context, h *taskHandle, o nspawn.ExecOptions) 
 		return 0, err
 	}
 	pc := d.pluginConfig()
-	return nspawn.Exec(ctx, nspawn.ExecTools{SystemdRun: pc.SystemdRunPath, Nsenter: pc.NsenterPath}, h.state.Machine, leader, o)
+	return nspawn.Exec(ctx, nspawn.ExecTools{SystemdRun: pc.SystemdRunPath, Nsenter: pc.NsenterPath, Self: d.self}, h.state.Machine, leader, o)
 }
 
 // limitedBuffer keeps the first max bytes written to it, as Nomad's script checks expect.

@@ -206,6 +206,13 @@ func TestStatsSignalExec(t *testing.T) {
 		dtestutil.TestExecTaskStreamingBasicResponses(t, td.DriverHarness, cfg.ID)
 	})
 
+	t.Run("an interactive shell on a TTY has job control and its exit status", func(t *testing.T) {
+		code, stdout, _ := dtestutil.ExecTask(t, td.DriverHarness, cfg.ID, "exec /bin/sh -i", true, "echo pgrp=$$; exit 5\n")
+		must.Eq(t, 5, code, must.Sprint(stdout))
+		must.StrNotContains(t, stdout, "Cannot set tty process group")
+		must.StrContains(t, stdout, "pgrp=")
+	})
+
 	t.Run("environment file for guest services", func(t *testing.T) {
 		waitLog(t, cfg, "envcheck: NOMAD_TASK_NAME=busy", 30*time.Second)
 	})

@@ -27,11 +27,11 @@ import (
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
-// TestMain lets the test binary stand in for the plugin binary as the console forwarder, which
-// the driver starts as its own executable.
+// TestMain lets the test binary stand in for the plugin binary, which the driver also runs as
+// console forwarder and TTY session starter.
 func TestMain(m *testing.M) {
-	if len(os.Args) > 1 && os.Args[1] == nspawn.ConsoleCommand {
-		os.Exit(nspawn.ConsoleMain(os.Args[2:]))
+	if code, ok := nspawn.Helper(os.Args[1:]); ok {
+		os.Exit(code)
 	}
 	os.Exit(m.Run())
 }

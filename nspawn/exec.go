@@ -8,12 +8,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
 )
 
 // ttyDrain is how long a TTY session reads output left behind by its ended command.
@@ -39,7 +42,19 @@ type ExecOptions struct {
 type ExecTools struct {
 	SystemdRun string
 	Nsenter    string
+	// Self is this binary; in a TTY session it runs first inside the machine (see TTYCommand).
+	Self string
 }
+
+// TTYCommand is the argument that makes this binary start a TTY session inside a machine: it
+// becomes the leader of a new session there, takes the terminal as its controlling terminal and
+// executes the command. nsenter's own session lies outside the machine's PID namespace, where
+// the guest's shells cannot see it and refuse job control.
+const TTYCommand = "tty-session"
+
+// ttySelfFD is where the session starter's binary is open in nsenter and its child: executed
+// through /proc/self/fd, it need not exist in the machine's file system.
+const ttySelfFD = 3
 
 // guestPath covers NixOS and FHS guests.
 const guestPath = "/run/wrappers/bin:/run/current-system/sw/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -54,9 +69,15 @@ func Exec(ctx context.Context, tools ExecTools, machine string, leader int, o Ex
 		return 0, errors.New("exec needs a command")
 	}
 	if o.Tty {
-		args := []string{"--target", strconv.Itoa(leader), "--all", "--"}
+		self, err := os.Open(tools.Self)
+		if err != nil {
+			return 0, fmt.Errorf("opening %s for the TTY session: %w", tools.Self, err)
+		}
+		defer self.Close()
+		args := []string{"--target", strconv.Itoa(leader), "--all", "--", fmt.Sprintf("/proc/self/fd/%d", ttySelfFD), TTYCommand, "--"}
 		cmd := exec.CommandContext(ctx, tools.Nsenter, append(args, o.Command...)...)
 		cmd.Env = []string{"PATH=" + guestPath, "HOME=/root", "TERM=xterm-256color", "container=systemd-nspawn"}
+		cmd.ExtraFiles = []*os.File{self}
 		return execTTY(cmd, o)
 	}
 	args := []string{"--machine=" + machine, "--quiet", "--wait", "--collect", "--service-type=exec", "--pipe", "--"}
@@ -75,7 +96,8 @@ func execTTY(cmd *exec.Cmd, o ExecOptions) (int, error) {
 		}
 	default:
 	}
-	ptmx, err := pty.StartWithSize(cmd, size)
+	// A new session without a controlling terminal: the session starter inside the machine takes it.
+	ptmx, err := pty.StartWithAttrs(cmd, size, &syscall.SysProcAttr{Setsid: true})
 	if err != nil {
 		return 0, fmt.Errorf("starting exec with a TTY: %w", err)
 	}
@@ -114,6 +136,33 @@ func execTTY(cmd *exec.Cmd, o ExecOptions) (int, error) {
 	}
 	copied.Wait()
 	return exitStatus(err)
+}
+
+// TTYSessionMain runs inside the machine, on the terminal: it starts a session and executes
+// args, a command after "--". It returns only on failure.
+func TTYSessionMain(args []string) int {
+	if len(args) < 2 || args[0] != "--" {
+		fmt.Fprintln(os.Stderr, TTYCommand+": want -- COMMAND [ARG...]")
+		return 2
+	}
+	cmd := args[1:]
+	if _, err := unix.Setsid(); err != nil {
+		fmt.Fprintln(os.Stderr, TTYCommand+": setsid:", err)
+		return 126
+	}
+	if err := unix.IoctlSetInt(0, unix.TIOCSCTTY, 0); err != nil {
+		fmt.Fprintln(os.Stderr, TTYCommand+": taking the terminal:", err)
+		return 126
+	}
+	unix.CloseOnExec(ttySelfFD)
+	path, err := exec.LookPath(cmd[0])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, TTYCommand+":", err)
+		return 127
+	}
+	err = unix.Exec(path, cmd, os.Environ())
+	fmt.Fprintln(os.Stderr, TTYCommand+": executing", path+":", err)
+	return 126
 }
 
 func exitStatus(err error) (int, error) {

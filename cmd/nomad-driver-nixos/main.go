@@ -15,9 +15,9 @@ import (
 )
 
 func main() {
-	// Each machine's console forwarder is this binary too (see nspawn.Console).
-	if len(os.Args) > 1 && os.Args[1] == nspawn.ConsoleCommand {
-		os.Exit(nspawn.ConsoleMain(os.Args[2:]))
+	// Each machine's console forwarder and TTY sessions are this binary too.
+	if code, ok := nspawn.Helper(os.Args[1:]); ok {
+		os.Exit(code)
 	}
 	plugins.Serve(func(logger hclog.Logger) interface{} { return driver.NewDriver(logger) })
 }
