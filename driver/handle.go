@@ -16,8 +16,8 @@ import (
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
-// pollInterval is how often a handle reads its unit's state. Exit latency, not correctness, depends
-// on it: the unit keeps its exit status until the task is destroyed.
+// How often a handle reads its unit's state. Exit latency, not correctness, depends on it: the
+// unit keeps its exit status, or records it when it is unloaded, until the task is destroyed.
 const (
 	pollInterval     = 100 * time.Millisecond
 	bootPollInterval = 20 * time.Millisecond
