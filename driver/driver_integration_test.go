@@ -152,12 +152,26 @@ func TestStop(t *testing.T) {
 
 func TestOOMKilled(t *testing.T) {
 	td := newTestDriver(t, "")
-	cfg := td.newTask(t, "oom", systemdToplevel(t), []string{"systemd.wants=hog.service"}, withMemory(128))
-	td.start(t, cfg)
-	res := td.waitExit(t, cfg.ID, 2*time.Minute)
-	must.NoError(t, res.Err)
-	must.True(t, res.OOMKilled, must.Sprintf("exit %+v", res))
-	must.Eq(t, 137, res.ExitCode)
+	events, err := td.TaskEvents(context.Background())
+	must.NoError(t, err)
+	t.Run("a guest service, then the guest fails", func(t *testing.T) {
+		cfg := td.newTask(t, "oom", systemdToplevel(t), []string{"systemd.wants=hog.service"}, withMemory(128))
+		td.start(t, cfg)
+		res := td.waitExit(t, cfg.ID, 2*time.Minute)
+		must.NoError(t, res.Err)
+		must.True(t, res.OOMKilled, must.Sprintf("exit %+v", res))
+		must.Eq(t, 137, res.ExitCode)
+		waitEvent(t, events, cfg.ID, "OOM killer", 10*time.Second)
+	})
+	t.Run("the guest's PID 1", func(t *testing.T) {
+		// The machine and its cgroup are gone within milliseconds of the kill.
+		cfg := td.newTask(t, "oompid1", tinyToplevel(t), []string{"hog"}, withMemory(64))
+		td.start(t, cfg)
+		res := td.waitExit(t, cfg.ID, 2*time.Minute)
+		must.NoError(t, res.Err)
+		must.True(t, res.OOMKilled, must.Sprintf("exit %+v", res))
+		must.Eq(t, int(syscall.SIGKILL), res.Signal)
+	})
 }
 
 func TestStatsSignalExec(t *testing.T) {

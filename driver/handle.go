@@ -116,7 +116,7 @@ func (h *taskHandle) run(ctx context.Context) {
 			return
 		default:
 			failures = 0
-			h.observe(st)
+			h.observe(ctx, st)
 			if !st.Running() {
 				h.finish(ctx, &st, nil)
 				return
@@ -142,13 +142,14 @@ func (h *taskHandle) isReady() bool {
 	return h.ready
 }
 
-// observe notes readiness and OOM kills of a live machine, and reports them as task events.
-func (h *taskHandle) observe(st nspawn.UnitStatus) {
+// observe notes readiness of a live machine and reports it as a task event. The first time the
+// unit's cgroup is known, it starts following OOM kills there.
+func (h *taskHandle) observe(ctx context.Context, st nspawn.UnitStatus) {
 	h.mu.Lock()
+	firstCgroup := h.cgroupPath == "" && st.ControlGroup != ""
 	if st.ControlGroup != "" {
 		h.cgroupPath = st.ControlGroup
 	}
-	cg := h.cgroupPath
 	becameReady := st.Ready() && !h.ready
 	if becameReady {
 		h.ready = true
@@ -157,19 +158,28 @@ func (h *taskHandle) observe(st nspawn.UnitStatus) {
 	if becameReady {
 		h.emit("Machine is ready: the guest reported READY=1", map[string]string{"machine": h.state.Machine})
 	}
-	if cg == "" {
-		return
+	if firstCgroup {
+		go h.watchOOM(ctx, st.ControlGroup)
 	}
-	kills, err := h.cgroups.OOMKills(cg)
-	if err != nil {
-		return
+}
+
+// watchOOM counts the OOM kills in the machine and reports each as a task event. Kills from
+// before it started (while a restarted plugin was down) are counted, not reported again.
+func (h *taskHandle) watchOOM(ctx context.Context, cgroup string) {
+	if before, err := h.cgroups.OOMKills(cgroup); err == nil {
+		h.mu.Lock()
+		h.oomKills = before
+		h.mu.Unlock()
 	}
-	h.mu.Lock()
-	newKills := kills > h.oomKills
-	h.oomKills = kills
-	h.mu.Unlock()
-	if newKills {
+	err := h.cgroups.WatchOOM(ctx, cgroup, func() {
+		h.mu.Lock()
+		h.oomKills++
+		kills := h.oomKills
+		h.mu.Unlock()
 		h.emit("The OOM killer killed a process in the machine", map[string]string{"oom_kills": fmt.Sprint(kills)})
+	})
+	if err != nil && !nspawn.IsGone(err) {
+		h.logger.Warn("cannot follow OOM kills of the machine", "cgroup", cgroup, "error", err)
 	}
 }
 
