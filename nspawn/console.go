@@ -190,9 +190,7 @@ func (c *Console) forward(ctx context.Context, w *fifoWriter, follow bool) error
 			var e journalEntry
 			if json.Unmarshal(line, &e) == nil && e.Cursor != "" {
 				if _, werr := w.Write([]byte(message(e.Message) + "\n")); werr != nil {
-					if ctx.Err() != nil {
-						return nil
-					}
+					_ = writeCursor(c.CursorFile, cursor)
 					return werr
 				}
 				cursor = e.Cursor
@@ -205,10 +203,9 @@ func (c *Console) forward(ctx context.Context, w *fifoWriter, follow bool) error
 			}
 		}
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			if errors.Is(err, io.EOF) {
+			// Stopped or at the end: what was written is delivered, so the next forward (the
+			// drain, or a restarted forwarder) must start after it.
+			if ctx.Err() != nil || errors.Is(err, io.EOF) {
 				return writeCursor(c.CursorFile, cursor)
 			}
 			return err
