@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/hashicorp/nomad/helper/pluginutils/hclutils"
+	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 	"github.com/shoenig/test/must"
 )
 
@@ -67,4 +68,54 @@ func TestREADMEPluginConfig(t *testing.T) {
 	must.Eq(t, defaultDataDir, c.DataDir)
 	must.Eq(t, defaultSlice, c.Slice)
 	must.Eq(t, int64(defaultTasksMax), c.TasksMax)
+}
+
+// optionRows reads the option tables of a README section: the option name, its type and its
+// default, from rows like "| `name` | type | default | meaning |".
+func optionRows(t *testing.T, section string) map[string][2]string {
+	t.Helper()
+	text := readme(t)
+	start := strings.Index(text, section)
+	must.NonNegative(t, start, must.Sprintf("the README has no %q section", section))
+	text = text[start+len(section):]
+	if end := strings.Index(text, "\n## "); end >= 0 {
+		text = text[:end]
+	}
+	rows := map[string][2]string{}
+	for _, line := range strings.Split(text, "\n") {
+		cells := strings.Split(line, "|")
+		if len(cells) < 5 || !strings.HasPrefix(strings.TrimSpace(cells[1]), "`") {
+			continue
+		}
+		name := strings.Trim(strings.TrimSpace(cells[1]), "`")
+		rows[name] = [2]string{strings.TrimSpace(cells[2]), strings.Trim(strings.TrimSpace(cells[3]), "`\"")}
+	}
+	return rows
+}
+
+// The README's option tables list exactly the schema's options, with their types and defaults.
+func TestREADMEOptionTablesMatchTheSchemas(t *testing.T) {
+	for _, tc := range []struct {
+		section string
+		spec    *hclspec.Spec
+	}{
+		{"## Task configuration", taskConfigSpec},
+		{"### Agent configuration", pluginConfigSpec},
+	} {
+		rows := optionRows(t, tc.section)
+		attrs := tc.spec.GetObject().GetAttributes()
+		must.MapLen(t, len(attrs), rows, must.Sprintf("%s: %v", tc.section, rows))
+		for name, spec := range attrs {
+			row, ok := rows[name]
+			must.True(t, ok, must.Sprintf("%s does not document %s", tc.section, name))
+			attr, def := spec.GetAttr(), ""
+			if d := spec.GetDefault(); d != nil {
+				attr, def = d.GetPrimary().GetAttr(), strings.Trim(d.GetDefault().GetLiteral().GetValue(), `"`)
+			}
+			must.Eq(t, attr.GetType(), row[0], must.Sprintf("type of %s", name))
+			if def != "" {
+				must.Eq(t, def, row[1], must.Sprintf("default of %s", name))
+			}
+		}
+	}
 }
