@@ -58,10 +58,10 @@ test: lint unit integration nix-parse e2e
 
 # From nothing to a NixOS-style machine under a Nomad agent; see the README.
 demo:
-	e2e/demo.sh up
+	DEMO_ON_HOST=$(DEMO_ON_HOST) e2e/demo.sh up
 
 demo-stop:
-	e2e/demo.sh down
+	DEMO_ON_HOST=$(DEMO_ON_HOST) e2e/demo.sh down
 
 testhost-down:
 	$(TESTHOST) down

@@ -11,21 +11,33 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${NIXOS_NSPAWN_CACHE:-/var/cache/nomad-driver-nixos}
 export NOMAD_ADDR=${NOMAD_ADDR:-http://127.0.0.1:4646}
-NOMAD=$REPO/build/nomad
 JOB=nixos-demo
+# DEMO_ON_HOST=1: this host runs systemd and a Nomad agent with the plugin installed already;
+# use them (and the nomad CLI in PATH) instead of the test host and an agent of our own.
+ON_HOST=${DEMO_ON_HOST:-}
+if [[ -n $ON_HOST ]]; then
+	NOMAD=$(command -v nomad) || { echo "DEMO_ON_HOST needs nomad in PATH" >&2; exit 1; }
+	[[ -d /run/systemd/system ]] || { echo "DEMO_ON_HOST needs systemd as PID 1" >&2; exit 1; }
+	inhost() { "$@"; }
+else
+	NOMAD=$REPO/build/nomad
+	inhost() { "$REPO/e2e/testhost/testhost.sh" exec "$@"; }
+fi
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 up() {
-	say "Building the plugin, booting the systemd test host, building the demo closure offline"
-	make -C "$REPO" --no-print-directory build
-	"$REPO/e2e/testhost/testhost.sh" up
+	say "Building the demo closure offline"
 	"$REPO/e2e/fixtures/build.sh" >/dev/null
 	# shellcheck disable=SC1091 # written by build.sh
 	. "$CACHE/fixtures.env"
-	say "Building Nomad v1.11.3 from source (cached after the first run) and starting an agent"
-	"$REPO/e2e/nomad/build.sh" >/dev/null
-	"$REPO/e2e/agent/agent.sh" up
+	if [[ -z $ON_HOST ]]; then
+		say "Building the plugin and Nomad v1.11.3 (cached after the first run), booting the systemd test host, starting an agent"
+		make -C "$REPO" --no-print-directory build
+		"$REPO/e2e/testhost/testhost.sh" up
+		"$REPO/e2e/nomad/build.sh" >/dev/null
+		"$REPO/e2e/agent/agent.sh" up
+	fi
 
 	say "Running the job: a Debian systemd booted from /nix/store paths, with a web service"
 	local jobfile
@@ -58,7 +70,7 @@ up() {
 	bb=$(grep -o '/nix/store/[^ ]*-busybox' "$NIXOS_NSPAWN_SYSTEMD_TOPLEVEL/units/web.service" | head -n1)
 	"$NOMAD" alloc exec -i=false -t=false -task web "$alloc" "$bb/bin/busybox" wget -qO- http://127.0.0.1:8080/
 	say "On the host: machinectl list"
-	"$REPO/e2e/testhost/testhost.sh" exec machinectl list
+	inhost machinectl list
 
 	cat <<-EOF
 
@@ -66,8 +78,8 @@ up() {
 		  $NOMAD alloc status $alloc
 		  $NOMAD alloc logs -f $alloc web
 		  $NOMAD alloc exec -task web $alloc /bin/sh
-		  $REPO/e2e/testhost/testhost.sh exec machinectl list
-		  $REPO/e2e/testhost/testhost.sh exec systemctl -M nomad-${alloc:0:8}-web list-units
+		  $([[ -z $ON_HOST ]] && echo "$REPO/e2e/testhost/testhost.sh exec ")machinectl list
+		  $([[ -z $ON_HOST ]] && echo "$REPO/e2e/testhost/testhost.sh exec ")systemctl -M nomad-${alloc:0:8}-web list-units
 		  Nomad UI: $NOMAD_ADDR/ui/allocations/$alloc
 		Tear it all down with: make demo-stop
 	EOF
@@ -75,8 +87,10 @@ up() {
 
 down() {
 	"$NOMAD" job stop -purge "$JOB" >/dev/null 2>&1 || true
-	"$REPO/e2e/agent/agent.sh" down || true
-	"$REPO/e2e/testhost/testhost.sh" down
+	if [[ -z $ON_HOST ]]; then
+		"$REPO/e2e/agent/agent.sh" down || true
+		"$REPO/e2e/testhost/testhost.sh" down
+	fi
 }
 
 case ${1:-} in
