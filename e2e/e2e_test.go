@@ -176,22 +176,3 @@ func TestAgentKilled(t *testing.T) {
 	must.Eq(t, leader, strings.TrimSpace(host(t, "machinectl", "show", "-p", "Leader", "--value", machine)))
 	must.Eq(t, 0, allocations(t, "e2e-agentkill")[0].TaskStates["t"].Restarts)
 }
-
-// Last: once every job is stopped and purged, nothing of the driver is left on the host.
-func TestZZPurgeLeavesNothing(t *testing.T) {
-	var jobs []struct{ ID string }
-	api(t, "/v1/jobs", &jobs)
-	for _, j := range jobs {
-		nomad(t, "job", "stop", "-purge", j.ID)
-	}
-	waitOutput(t, 2*time.Minute, "clean", func() string {
-		left := machinesOnHost(t)
-		units := strings.TrimSpace(host(t, "sh", "-c", "systemctl list-units --all --no-legend --plain 'nomad-*' | grep -v '^nomad-e2e-agent' || true"))
-		links := strings.TrimSpace(host(t, "sh", "-c", "ip -o link | grep -o 've-nomad[^:@]*' || true"))
-		roots := strings.TrimSpace(host(t, "sh", "-c", "ls /var/lib/nomad-driver-nixos/machines 2>/dev/null || true"))
-		if len(left) == 0 && units == "" && links == "" && roots == "" {
-			return "clean"
-		}
-		return fmt.Sprintf("machines %v\nunits %s\nlinks %s\nroots %s", left, units, links, roots)
-	})
-}
