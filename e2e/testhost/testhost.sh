@@ -57,7 +57,8 @@ debian_mirror() {
 	local uri
 	uri=$(grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null |
 		awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)
-	echo "${uri:-http://deb.debian.org/debian}"
+	[[ -n $uri ]] || die "no Debian mirror in /etc/apt/sources.list.d/*.sources; set NIXOS_NSPAWN_DEBIAN_MIRROR"
+	echo "$uri"
 }
 
 ensure_rootfs() {
