@@ -55,9 +55,12 @@ debian_mirror() {
 		return
 	fi
 	local uri
-	uri=$(grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null |
-		awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)
-	[[ -n $uri ]] || die "no Debian mirror in /etc/apt/sources.list.d/*.sources; set NIXOS_NSPAWN_DEBIAN_MIRROR"
+	# deb822 files first, then one-line "deb URI suite ..." sources.
+	uri=$({
+		grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+		grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print ($2 ~ /^\[/) ? $3 : $2}'
+	} 2>/dev/null | grep -E '/debian/?$' | head -n1 || true)
+	[[ -n $uri ]] || die "no Debian mirror in apt's sources; set NIXOS_NSPAWN_DEBIAN_MIRROR"
 	echo "$uri"
 }
 
