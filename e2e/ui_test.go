@@ -42,7 +42,7 @@ func TestUIAllocationPage(t *testing.T) {
 	alloc := waitAlloc(t, jobID, 2*time.Minute, "running with the readiness event", func(a allocation) bool {
 		return running(a) && hasEvent(a.TaskStates[task], "Driver", "Machine is ready")
 	})
-	// This test runs after TestZZPurgeLeavesNothing (files run in name order): leave no machine.
+	// Leave no machine behind for the leftover check, which runs after this file's tests.
 	machine := "nomad-" + alloc.ID[:8] + "-" + task
 	t.Cleanup(func() {
 		_, _ = nomadErr("job", "stop", "-purge", jobID)
