@@ -8,7 +8,7 @@ FIXTURES_ENV := $(or $(NIXOS_NSPAWN_CACHE),/var/cache/nomad-driver-nixos)/fixtur
 # Packages that hold test binaries run inside the systemd test host.
 INTEGRATION_PKGS := driver
 
-.PHONY: all build lint unit testhost-ready integration nix-parse e2e bench test demo demo-stop testhost-down clean
+.PHONY: all build lint unit testhost-ready integration nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
 
 all: build
 
@@ -22,6 +22,7 @@ lint:
 	$(GO) vet ./...
 	$(GO) vet -tags integration ./...
 	$(GO) vet -tags e2e ./...
+	$(GO) vet -tags e2e,e2e_cluster ./...
 
 # Pure logic; runs anywhere.
 unit:
@@ -54,7 +55,14 @@ e2e: testhost-ready
 nix-parse:
 	example/check.sh
 
-test: lint unit integration nix-parse e2e
+# One server and two clients, each its own systemd host, on a private network.
+e2e-cluster: build
+	e2e/fixtures/build.sh
+	e2e/nomad/build.sh >/dev/null
+	e2e/cluster/cluster.sh up
+	e2e/cluster/cluster.sh test; rc=$$?; e2e/cluster/cluster.sh down; exit $$rc
+
+test: lint unit integration nix-parse e2e e2e-cluster
 
 # From nothing to a NixOS-style machine under a Nomad agent; see the README.
 demo:
@@ -67,6 +75,7 @@ testhost-down:
 	$(TESTHOST) down
 
 clean: testhost-down
+	e2e/cluster/cluster.sh down
 	rm -rf $(BUILD)
 
 # Start-to-READY through the driver vs bare systemd-run + nspawn, and the plugin's RSS.

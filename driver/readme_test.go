@@ -52,12 +52,14 @@ func readmePluginConfig(t *testing.T) PluginConfig {
 	return c
 }
 
-// The e2e agent runs with the README's plugin and telemetry blocks, to the letter.
+// The e2e agents run with the README's plugin and telemetry blocks, to the letter.
 func TestREADMEAgentConfigIsTheE2EConfig(t *testing.T) {
-	agent, err := os.ReadFile("../e2e/agent/agent.hcl")
-	must.NoError(t, err)
-	for _, header := range []string{`plugin "nomad-driver-nixos" {`, "telemetry {"} {
-		must.Eq(t, block(t, readme(t), header), block(t, string(agent), header))
+	for _, file := range []string{"../e2e/agent/agent.hcl", "../e2e/cluster/client.hcl"} {
+		agent, err := os.ReadFile(file)
+		must.NoError(t, err)
+		for _, header := range []string{`plugin "nomad-driver-nixos" {`, "telemetry {"} {
+			must.Eq(t, block(t, readme(t), header), block(t, string(agent), header), must.Sprint(file))
+		}
 	}
 }
 

@@ -129,9 +129,13 @@ guest() {
 	nsenter -t "$(leader_pid)" -a env -i PATH="$GUEST_PATH" HOME=/root LANG=C.UTF-8 "$@"
 }
 
+# nspawn builds the host's systemd cgroup tree below the cgroup it starts in; a cgroup of its own
+# in the systemd and unified hierarchies keeps other systemd hosts on the machine out of it.
+OWN_HIERARCHIES=(systemd unified)
+
 cg_create() {
 	local c
-	for c in "${CONTROLLERS[@]}"; do
+	for c in "${CONTROLLERS[@]}" "${OWN_HIERARCHIES[@]}"; do
 		mkdir -p "/sys/fs/cgroup/$c/$CG_NAME"
 	done
 }
@@ -139,7 +143,7 @@ cg_create() {
 # Depth-first rmdir; cgroup dirs cannot be removed with rm -r.
 cg_remove() {
 	local c d
-	for c in "${CONTROLLERS[@]}"; do
+	for c in "${CONTROLLERS[@]}" "${OWN_HIERARCHIES[@]}"; do
 		d=/sys/fs/cgroup/$c/$CG_NAME
 		[[ -d $d ]] || continue
 		find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
@@ -165,6 +169,9 @@ boot() {
 	(
 		# The container must not inherit (and so hold forever) the up/down lock.
 		if [[ -n ${LOCK_FD:-} ]]; then exec {LOCK_FD}>&-; fi
+		for c in "${OWN_HIERARCHIES[@]}"; do
+			echo "$BASHPID" >"/sys/fs/cgroup/$c/$CG_NAME/cgroup.procs"
+		done
 		exec setsid systemd-nspawn "${args[@]}" </dev/null >"$RUN_DIR/console.log" 2>&1
 	) &
 	local npid=$!
