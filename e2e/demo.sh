@@ -27,10 +27,15 @@ fi
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 up() {
-	say "Building the demo closure offline"
-	"$REPO/e2e/fixtures/build.sh" >/dev/null
-	# shellcheck disable=SC1091 # written by build.sh
-	. "$CACHE/fixtures.env"
+	# DEMO_TOPLEVEL: a demo closure built before (on a host without Nix, say).
+	if [[ -n ${DEMO_TOPLEVEL:-} ]]; then
+		NIXOS_NSPAWN_SYSTEMD_TOPLEVEL=$DEMO_TOPLEVEL
+	else
+		say "Building the demo closure offline"
+		"$REPO/e2e/fixtures/build.sh" >/dev/null
+		# shellcheck disable=SC1091 # written by build.sh
+		. "$CACHE/fixtures.env"
+	fi
 	if [[ -z $ON_HOST ]]; then
 		say "Building the plugin and Nomad v1.11.3 (cached after the first run), booting the systemd test host, starting an agent"
 		make -C "$REPO" --no-print-directory build
