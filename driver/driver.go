@@ -175,6 +175,11 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if !pc.Enabled {
 		return nil, nil, errors.New("the nixos-nspawn driver is disabled in the plugin config (enabled = false)")
 	}
+	// Nomad cannot learn from an external plugin that it takes no mounts (MountConfigs does not
+	// cross gRPC): refuse them rather than start a machine without what the job asked for.
+	if len(cfg.Mounts) > 0 || len(cfg.Devices) > 0 {
+		return nil, nil, fmt.Errorf("the nixos-nspawn driver does not support volume_mount, mount or device blocks yet (task has %d mounts, %d devices)", len(cfg.Mounts), len(cfg.Devices))
+	}
 	var tc TaskConfig
 	if err := cfg.DecodeDriverConfig(&tc); err != nil {
 		return nil, nil, fmt.Errorf("decoding task config: %w", err)

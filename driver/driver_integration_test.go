@@ -443,13 +443,20 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 		{"not a store path", "/etc", `toplevel = "/etc": must be a Nix store path`, nil},
 		{"missing", "/nix/store/00000000000000000000000000000000-nixos-system-gone", "no such store path", nil},
 		{"has a kernel", "", "has a kernel", nil},
+		{"a volume mount", "", "does not support volume_mount, mount or device blocks", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			toplevel := tc.toplevel
-			if toplevel == "" {
+			switch tc.name {
+			case "has a kernel":
 				toplevel = fixture(t, "NIXOS_NSPAWN_KERNEL_TOPLEVEL")
+			case "a volume mount":
+				toplevel = tinyToplevel(t)
 			}
 			cfg := td.newTask(t, "bad", toplevel, tc.args)
+			if tc.name == "a volume mount" {
+				cfg.Mounts = []*drivers.MountConfig{{TaskPath: "/data", HostPath: "/srv/data"}}
+			}
 			_, _, err := td.StartTask(cfg)
 			must.ErrorContains(t, err, tc.want)
 			must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
