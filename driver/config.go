@@ -30,14 +30,15 @@ const (
 )
 
 var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
-	"enabled":          hclspec.NewDefault(hclspec.NewAttr("enabled", "bool", false), hclspec.NewLiteral("true")),
-	"data_dir":         hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
-	"nspawn_path":      hclspec.NewAttr("nspawn_path", "string", false),
-	"systemd_run_path": hclspec.NewAttr("systemd_run_path", "string", false),
-	"journalctl_path":  hclspec.NewAttr("journalctl_path", "string", false),
-	"nsenter_path":     hclspec.NewAttr("nsenter_path", "string", false),
-	"slice":            hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
-	"tasks_max":        hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
+	"enabled":            hclspec.NewDefault(hclspec.NewAttr("enabled", "bool", false), hclspec.NewLiteral("true")),
+	"data_dir":           hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
+	"nspawn_path":        hclspec.NewAttr("nspawn_path", "string", false),
+	"systemd_run_path":   hclspec.NewAttr("systemd_run_path", "string", false),
+	"journalctl_path":    hclspec.NewAttr("journalctl_path", "string", false),
+	"nsenter_path":       hclspec.NewAttr("nsenter_path", "string", false),
+	"slice":              hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
+	"tasks_max":          hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
+	"allow_host_network": hclspec.NewDefault(hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral("false")),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -46,6 +47,8 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"ready_timeout": hclspec.NewDefault(hclspec.NewAttr("ready_timeout", "string", false), hclspec.NewLiteral(strconv.Quote(defaultReadyTimeout))),
 	"private_users": hclspec.NewDefault(hclspec.NewAttr("private_users", "string", false), hclspec.NewLiteral(`"pick"`)),
 	"reboot_policy": hclspec.NewDefault(hclspec.NewAttr("reboot_policy", "string", false), hclspec.NewLiteral(`"exit"`)),
+	"network_mode":  hclspec.NewDefault(hclspec.NewAttr("network_mode", "string", false), hclspec.NewLiteral(`"veth"`)),
+	"host_bridge":   hclspec.NewAttr("host_bridge", "string", false),
 })
 
 // PluginConfig is the plugin block of the Nomad agent configuration.
@@ -58,6 +61,8 @@ type PluginConfig struct {
 	NsenterPath    string `codec:"nsenter_path"`
 	Slice          string `codec:"slice"`
 	TasksMax       int64  `codec:"tasks_max"`
+	// AllowHostNetwork lets tasks share the host's network namespace (network_mode = "host").
+	AllowHostNetwork bool `codec:"allow_host_network"`
 }
 
 // TaskConfig is the config block of a task.
@@ -67,7 +72,12 @@ type TaskConfig struct {
 	ReadyTimeout string   `codec:"ready_timeout"`
 	PrivateUsers string   `codec:"private_users"`
 	RebootPolicy string   `codec:"reboot_policy"`
+	NetworkMode  string   `codec:"network_mode"`
+	HostBridge   string   `codec:"host_bridge"`
 }
+
+// ifName is what Linux accepts as an interface name, without the characters ip(8) treats specially.
+var ifName = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
 
 var sliceName = regexp.MustCompile(`^[A-Za-z0-9:_.\\-]+\.slice$`)
 
@@ -121,6 +131,7 @@ type taskOptions struct {
 	readyTimeout time.Duration
 	privateUsers string
 	rebootPolicy nspawn.RebootPolicy
+	networkMode  string
 }
 
 // validate checks the task config; it runs after Nomad's interpolation, so it sees the values
@@ -147,6 +158,20 @@ func (c *TaskConfig) options() (taskOptions, error) {
 	o.readyTimeout = d
 	if o.privateUsers, err = validatePrivateUsers(c.PrivateUsers); err != nil {
 		return o, err
+	}
+	switch c.NetworkMode {
+	case nspawn.NetworkVeth, nspawn.NetworkNone, nspawn.NetworkHost:
+		o.networkMode = c.NetworkMode
+	case "":
+		o.networkMode = nspawn.NetworkVeth
+	default:
+		return o, fmt.Errorf("network_mode = %q: must be %q (own namespace with a veth link), %q (loopback only) or %q (the host's network, if the plugin config allows it)", c.NetworkMode, nspawn.NetworkVeth, nspawn.NetworkNone, nspawn.NetworkHost)
+	}
+	if c.HostBridge != "" && !ifName.MatchString(c.HostBridge) {
+		return o, fmt.Errorf("host_bridge = %q: must be a network interface name of 1 to 15 letters, digits, '.', '_' or '-'", c.HostBridge)
+	}
+	if c.HostBridge != "" && o.networkMode != nspawn.NetworkVeth {
+		return o, fmt.Errorf("host_bridge = %q: only with network_mode = %q, not %q", c.HostBridge, nspawn.NetworkVeth, o.networkMode)
 	}
 	switch p := nspawn.RebootPolicy(c.RebootPolicy); p {
 	case nspawn.RebootExit, nspawn.RebootRestart:

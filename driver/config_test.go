@@ -179,16 +179,19 @@ func TestTaskConfigOptions_OK(t *testing.T) {
 		mutate func(*TaskConfig)
 		want   taskOptions
 	}{
-		{"defaults", func(*TaskConfig) {}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit}},
-		{"ready_timeout 2m", func(c *TaskConfig) { c.ReadyTimeout = "2m" }, taskOptions{2 * time.Minute, "pick", nspawn.RebootExit}},
-		{"ready_timeout 1h is the maximum", func(c *TaskConfig) { c.ReadyTimeout = "1h" }, taskOptions{time.Hour, "pick", nspawn.RebootExit}},
-		{"ready_timeout 1ms", func(c *TaskConfig) { c.ReadyTimeout = "1ms" }, taskOptions{time.Millisecond, "pick", nspawn.RebootExit}},
-		{"private_users range", func(c *TaskConfig) { c.PrivateUsers = "524288:65536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit}},
-		{"private_users base only", func(c *TaskConfig) { c.PrivateUsers = "524288" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit}},
-		{"private_users normalized", func(c *TaskConfig) { c.PrivateUsers = "0524288:065536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit}},
-		{"private_users last range", func(c *TaskConfig) { c.PrivateUsers = "1878982656" }, taskOptions{90 * time.Second, "1878982656:65536", nspawn.RebootExit}},
-		{"reboot_policy restart", func(c *TaskConfig) { c.RebootPolicy = "restart" }, taskOptions{90 * time.Second, "pick", nspawn.RebootRestart}},
-		{"init_args", func(c *TaskConfig) { c.InitArgs = []string{"systemd.unit=rescue.target", "a b", "--"} }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit}},
+		{"defaults", func(*TaskConfig) {}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
+		{"ready_timeout 2m", func(c *TaskConfig) { c.ReadyTimeout = "2m" }, taskOptions{2 * time.Minute, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
+		{"ready_timeout 1h is the maximum", func(c *TaskConfig) { c.ReadyTimeout = "1h" }, taskOptions{time.Hour, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
+		{"ready_timeout 1ms", func(c *TaskConfig) { c.ReadyTimeout = "1ms" }, taskOptions{time.Millisecond, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
+		{"private_users range", func(c *TaskConfig) { c.PrivateUsers = "524288:65536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth}},
+		{"private_users base only", func(c *TaskConfig) { c.PrivateUsers = "524288" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth}},
+		{"private_users normalized", func(c *TaskConfig) { c.PrivateUsers = "0524288:065536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth}},
+		{"private_users last range", func(c *TaskConfig) { c.PrivateUsers = "1878982656" }, taskOptions{90 * time.Second, "1878982656:65536", nspawn.RebootExit, nspawn.NetworkVeth}},
+		{"reboot_policy restart", func(c *TaskConfig) { c.RebootPolicy = "restart" }, taskOptions{90 * time.Second, "pick", nspawn.RebootRestart, nspawn.NetworkVeth}},
+		{"network_mode none", func(c *TaskConfig) { c.NetworkMode = "none" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkNone}},
+		{"network_mode host", func(c *TaskConfig) { c.NetworkMode = "host" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkHost}},
+		{"host_bridge with veth", func(c *TaskConfig) { c.HostBridge = "br0" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
+		{"init_args", func(c *TaskConfig) { c.InitArgs = []string{"systemd.unit=rescue.target", "a b", "--"} }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -266,6 +269,7 @@ func TestTaskConfigSchema_Defaults(t *testing.T) {
 		ReadyTimeout: "2m",
 		PrivateUsers: "pick",
 		RebootPolicy: "exit",
+		NetworkMode:  "veth",
 	}, tc)
 	// The defaults are themselves valid.
 	o, err := tc.options()
@@ -281,6 +285,8 @@ func TestTaskConfigSchema_AllFields(t *testing.T) {
   ready_timeout = "30s"
   private_users = "524288:65536"
   reboot_policy = "restart"
+  network_mode  = "veth"
+  host_bridge   = "br0"
 }`, &tc)
 	must.Eq(t, TaskConfig{
 		Toplevel:     absentToplevel,
@@ -288,6 +294,8 @@ func TestTaskConfigSchema_AllFields(t *testing.T) {
 		ReadyTimeout: "30s",
 		PrivateUsers: "524288:65536",
 		RebootPolicy: "restart",
+		NetworkMode:  "veth",
+		HostBridge:   "br0",
 	}, tc)
 }
 
@@ -313,14 +321,16 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
   journalctl_path  = "/opt/bin/journalctl"
   slice            = "nomad-machines.slice"
   tasks_max        = 0
+  allow_host_network = true
 }`, &pc)
 	must.Eq(t, PluginConfig{
-		Enabled:        false,
-		DataDir:        "/srv/machines",
-		NspawnPath:     "/opt/bin/systemd-nspawn",
-		SystemdRunPath: "/opt/bin/systemd-run",
-		JournalctlPath: "/opt/bin/journalctl",
-		Slice:          "nomad-machines.slice",
-		TasksMax:       0,
+		Enabled:          false,
+		DataDir:          "/srv/machines",
+		NspawnPath:       "/opt/bin/systemd-nspawn",
+		SystemdRunPath:   "/opt/bin/systemd-run",
+		JournalctlPath:   "/opt/bin/journalctl",
+		Slice:            "nomad-machines.slice",
+		TasksMax:         0,
+		AllowHostNetwork: true,
 	}, pc)
 }

@@ -56,8 +56,9 @@ var capabilities = &drivers.Capabilities{
 	SendSignals: true,
 	Exec:        true,
 	// The machine gets Nomad's alloc, local and secrets directories bound in, like docker does.
-	FSIsolation:       fsisolation.Image,
-	NetIsolationModes: []drivers.NetIsolationMode{drivers.NetIsolationModeHost},
+	FSIsolation: fsisolation.Image,
+	// group is declared so that a bridge-mode job reaches StartTask, which says why it cannot run.
+	NetIsolationModes: []drivers.NetIsolationMode{drivers.NetIsolationModeHost, drivers.NetIsolationModeGroup},
 }
 
 var (

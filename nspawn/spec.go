@@ -67,7 +67,37 @@ type Spec struct {
 	StopTimeout  time.Duration
 	RebootPolicy RebootPolicy
 
+	Network   Network
 	Resources Resources
+}
+
+// Network modes of a machine.
+const (
+	// NetworkVeth gives the machine its own namespace, linked to the host by a veth pair.
+	NetworkVeth = "veth"
+	// NetworkNone gives the machine its own namespace with loopback only.
+	NetworkNone = "none"
+	// NetworkHost shares the host's network namespace.
+	NetworkHost = "host"
+)
+
+// Network says how the machine is connected.
+type Network struct {
+	Mode string
+	// Bridge, in veth mode, is an existing host bridge the host side of the veth joins.
+	Bridge string
+}
+
+func (n Network) args() []string {
+	switch {
+	case n.Mode == NetworkHost:
+		return nil
+	case n.Mode == NetworkNone:
+		return []string{"--private-network"}
+	case n.Bridge != "":
+		return []string{"--network-bridge=" + n.Bridge}
+	}
+	return []string{"--network-veth"}
 }
 
 // Resources are the cgroup limits of the unit; zero means unset.
@@ -104,9 +134,9 @@ func (s *Spec) Args() []string {
 		"--link-journal=no",
 		"--timezone=off",
 		"--resolv-conf=off",
-		"--network-veth",
 		"--bind-ro=/nix/store",
 	}
+	args = append(args, s.Network.args()...)
 	if s.UUID != "" {
 		args = append(args, "--uuid="+s.UUID)
 	}

@@ -4,6 +4,7 @@
 package nspawn
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -58,8 +59,8 @@ func TestSpecArgs_Golden(t *testing.T) {
 		"--link-journal=no",
 		"--timezone=off",
 		"--resolv-conf=off",
-		"--network-veth",
 		"--bind-ro=/nix/store",
+		"--network-veth",
 		"--uuid=5c3d1ea1b6f84ff1a6a04bc1e4c1a0d2",
 		"--bind=/var/lib/nomad/alloc/3f2504e0/alloc:/alloc",
 		"--bind-ro=/var/lib/nomad/alloc/3f2504e0/web/logs:/alloc/logs",
@@ -88,7 +89,7 @@ func TestSpecArgs_Minimal(t *testing.T) {
 	must.EqOp(t, "/bin/systemd-nspawn", args[0])
 	must.SliceContainsOp(t, args, "--private-users=524288:65536")
 	// Without a UUID, binds, env or init args, the command line ends with "-- <toplevel>/init".
-	must.Eq(t, []string{"--bind-ro=/nix/store", "--", testToplevel + "/init"}, args[len(args)-3:])
+	must.Eq(t, []string{"--bind-ro=/nix/store", "--network-veth", "--", testToplevel + "/init"}, args[len(args)-4:])
 	for _, a := range args {
 		must.StrNotContains(t, a, "--uuid")
 		must.StrNotContains(t, a, "--setenv")
@@ -145,6 +146,32 @@ func TestSpecValidate(t *testing.T) {
 			}
 			must.Error(t, err)
 			must.StrContains(t, err.Error(), c.errSub)
+		})
+	}
+}
+
+// The network mode picks exactly one of nspawn's network options.
+func TestSpecArgs_Network(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		net  Network
+		want []string
+	}{
+		{"veth by default", Network{}, []string{"--network-veth"}},
+		{"veth", Network{Mode: NetworkVeth}, []string{"--network-veth"}},
+		{"veth on a host bridge", Network{Mode: NetworkVeth, Bridge: "br0"}, []string{"--network-bridge=br0"}},
+		{"none", Network{Mode: NetworkNone}, []string{"--private-network"}},
+		{"host", Network{Mode: NetworkHost}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := &Spec{Machine: "m", Root: "/r", Toplevel: testToplevel, NspawnPath: "/n", PrivateUsers: "pick", Network: tc.net}
+			var got []string
+			for _, a := range s.Args() {
+				if strings.HasPrefix(a, "--network-") || a == "--private-network" {
+					got = append(got, a)
+				}
+			}
+			must.Eq(t, tc.want, got)
 		})
 	}
 }
