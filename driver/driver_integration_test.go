@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -396,10 +397,16 @@ func TestFingerprint(t *testing.T) {
 		td := newTestDriver(t, "")
 		fp := firstFingerprint(t, td)
 		must.Eq(t, drivers.HealthStateHealthy, fp.Health, must.Sprint(fp.HealthDescription))
-		for _, attr := range []string{"version", "systemd_version", "cgroup_mode", "machined"} {
+		for _, attr := range []string{"version", "systemd_version", "cgroup_mode", "machined", "networkd", "ip_forward"} {
 			_, ok := fp.Attributes[attrPrefix+attr]
 			must.True(t, ok, must.Sprintf("missing attribute %s", attr))
 		}
+		// The test host runs no systemd-networkd: healthy, with the warning.
+		state, _ := exec.Command("systemctl", "is-active", "systemd-networkd.service").Output()
+		must.Eq(t, "inactive\n", string(state))
+		networkd, _ := fp.Attributes[attrPrefix+"networkd"].GetBool()
+		must.False(t, networkd)
+		must.StrContains(t, fp.HealthDescription, "warning: systemd-networkd is not running, so veth machines get no address")
 	})
 	t.Run("unhealthy without systemd on the bus", func(t *testing.T) {
 		t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/system_bus_socket")

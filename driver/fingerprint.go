@@ -90,6 +90,29 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 	if len(problems) > 0 {
 		fp.Health = drivers.HealthStateUnhealthy
 		fp.HealthDescription = strings.Join(problems, "; ")
+		return fp
+	}
+	if warnings := d.networkWarnings(ctx, fp); len(warnings) > 0 {
+		fp.HealthDescription += "; warning: " + strings.Join(warnings, "; ")
 	}
 	return fp
+}
+
+// networkWarnings reports what keeps veth machines from getting an address: the guest asks the
+// host's systemd-networkd by DHCP, and reaching further needs IP forwarding.
+func (d *Driver) networkWarnings(ctx context.Context, fp *drivers.Fingerprint) []string {
+	var warnings []string
+	networkd, err := d.mgr.Status(ctx, "systemd-networkd.service")
+	running := err == nil && networkd.ActiveState == "active"
+	fp.Attributes[attrPrefix+"networkd"] = structs.NewBoolAttribute(running)
+	if !running {
+		warnings = append(warnings, "systemd-networkd is not running, so veth machines get no address")
+	}
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
+	forwarding := err == nil && strings.TrimSpace(string(b)) == "1"
+	fp.Attributes[attrPrefix+"ip_forward"] = structs.NewBoolAttribute(forwarding)
+	if !forwarding {
+		warnings = append(warnings, "IPv4 forwarding is off, so veth machines reach only the host")
+	}
+	return warnings
 }
