@@ -12,7 +12,6 @@ package e2e
 
 import (
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
@@ -73,34 +72,6 @@ func clusterAllocs(t *testing.T, jobID string) []clusterAlloc {
 	return allocs
 }
 
-// The clients run the README's plugin and telemetry blocks, as the single-node agent does.
-func TestClusterClientConfig(t *testing.T) {
-	block := func(text, header string) string {
-		start := strings.Index(text, header)
-		must.NonNegative(t, start, must.Sprintf("no %q block", header))
-		depth := 0
-		for i, r := range text[start:] {
-			switch r {
-			case '{':
-				depth++
-			case '}':
-				if depth--; depth == 0 {
-					return text[start : start+i+1]
-				}
-			}
-		}
-		t.Fatalf("the %q block is not closed", header)
-		return ""
-	}
-	readme, err := os.ReadFile(filepath.Join(repoRoot, "README.md"))
-	must.NoError(t, err)
-	client, err := os.ReadFile(filepath.Join(repoRoot, "e2e", "cluster", "client.hcl"))
-	must.NoError(t, err)
-	for _, header := range []string{`plugin "nomad-driver-nixos" {`, "telemetry {"} {
-		must.Eq(t, block(string(readme), header), block(string(client), header))
-	}
-}
-
 // count = 4 with a spread over node.unique.id: two machines on each client, each registered with
 // that client's machined; stopping the job ends them all.
 func TestClusterSpread(t *testing.T) {
@@ -126,34 +97,8 @@ func TestClusterSpread(t *testing.T) {
 	must.Eq(t, clusterClients, got)
 
 	const id = "cluster-spread"
-	runJob(t, id, fmt.Sprintf(`job %q {
-  type = "service"
-  group "g" {
-    count = 4
-    spread {
-      attribute = "${node.unique.id}"
-    }
-    restart {
-      attempts = 0
-      mode     = "fail"
-    }
-    reschedule {
-      attempts  = 0
-      unlimited = false
-    }
-    task "t" {
-      driver = "nixos-nspawn"
-      config {
-        toplevel = %q
-      }
-      resources {
-        cpu    = 100
-        memory = 64
-      }
-    }
-  }
-}
-`, id, tiny(t)))
+	spread := "group \"g\" {\n    count = 4\n    spread {\n      attribute = \"${node.unique.id}\"\n    }"
+	runJob(t, id, strings.Replace(job(id, "service", tiny(t), nil, ""), `group "g" {`, spread, 1))
 
 	var allocs []clusterAlloc
 	err := wait.InitialSuccess(
