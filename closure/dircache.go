@@ -1,0 +1,68 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package closure
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+)
+
+// DirCache is a binary cache in a directory, as `nix copy --to file://DIR` writes it.
+type DirCache struct {
+	name string
+	root *os.Root
+}
+
+// OpenDirCache opens the cache in dir. Files are read through an os.Root, so neither '..' nor
+// a symlink in the cache can reach outside it. name is how messages call the cache.
+func OpenDirCache(dir, name string) (*DirCache, error) {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkCacheInfo(root); err != nil {
+		root.Close()
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return &DirCache{name: name, root: root}, nil
+}
+
+func (c *DirCache) String() string { return c.name }
+
+func (c *DirCache) retryable() bool { return false }
+
+// Close releases the directory.
+func (c *DirCache) Close() error { return c.root.Close() }
+
+func (c *DirCache) open(_ context.Context, rel string) (io.ReadCloser, error) {
+	f, err := c.root.Open(rel)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, errNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s: %s is not a regular file", c.name, rel)
+	}
+	return f, nil
+}
+
+// checkCacheInfo refuses a cache for another store directory; nix-cache-info is optional.
+func checkCacheInfo(root *os.Root) error {
+	f, err := root.Open("nix-cache-info")
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return parseCacheInfo(f)
+}

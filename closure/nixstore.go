@@ -1,0 +1,239 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package closure
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/nix-community/go-nix/pkg/nar"
+	"github.com/nix-community/go-nix/pkg/wire"
+)
+
+// NixStore is the host's Nix store, written through its nix-store program so that Nix knows
+// every imported path as valid. GC roots are indirect roots in rootDir.
+type NixStore struct {
+	nixStore string
+	rootDir  string
+	tmp      string
+}
+
+// NewNixStore uses the nix-store program at nixStore; roots go to rootDir and staging to tmp.
+func NewNixStore(nixStore, rootDir, tmp string) (*NixStore, error) {
+	s := &NixStore{nixStore: nixStore, rootDir: rootDir, tmp: tmp}
+	if err := os.MkdirAll(rootDir, 0o755); err != nil {
+		return nil, err
+	}
+	if err := clearTemp(s); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// HostNixUsable says whether the host's Nix store can take imports: nix-store runs and the store
+// and its database are writable.
+func HostNixUsable(nixStore string) bool {
+	if _, err := NixVersion(nixStore); err != nil {
+		return false
+	}
+	for _, d := range []string{StoreDir, "/nix/var/nix/db"} {
+		if unixAccessW(d) != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// NixVersion is what `nix-store --version` says, such as "2.8.0".
+func NixVersion(nixStore string) (string, error) {
+	out, err := exec.Command(nixStore, "--version").Output()
+	if err != nil {
+		return "", err
+	}
+	f := strings.Fields(string(out))
+	if len(f) == 0 {
+		return "", errors.New("nix-store --version printed nothing")
+	}
+	return f[len(f)-1], nil
+}
+
+func (s *NixStore) Kind() string    { return KindHost }
+func (s *NixStore) Dir() string     { return StoreDir }
+func (s *NixStore) tempDir() string { return s.tmp }
+
+func (s *NixStore) run(ctx context.Context, stdin io.Reader, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, s.nixStore, args...)
+	cmd.Stdin = stdin
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if i := strings.LastIndex(msg, "\n"); i >= 0 {
+			msg = msg[i+1:]
+		}
+		return "", fmt.Errorf("nix-store %s: %w: %s", args[0], err, msg)
+	}
+	return stdout.String(), nil
+}
+
+// maxArgs keeps command lines well below the kernel's limit.
+const maxArgs = 1000
+
+func (s *NixStore) Missing(ctx context.Context, paths []string) (map[string]bool, error) {
+	out := map[string]bool{}
+	for len(paths) > 0 {
+		n := min(len(paths), maxArgs)
+		res, err := s.run(ctx, nil, append([]string{"--check-validity", "--print-invalid"}, paths[:n]...)...)
+		if err != nil {
+			return nil, err
+		}
+		for _, l := range strings.Fields(res) {
+			out[l] = true
+		}
+		paths = paths[n:]
+	}
+	return out, nil
+}
+
+func (s *NixStore) Requisites(ctx context.Context, p string) ([]string, error) {
+	res, err := s.run(ctx, nil, "--query", "--requisites", p)
+	if err != nil {
+		return nil, err
+	}
+	return strings.Fields(res), nil
+}
+
+// Realise makes p valid through the host's own substituters and builders.
+func (s *NixStore) Realise(ctx context.Context, p string) error {
+	_, err := s.run(ctx, nil, "--realise", p)
+	return err
+}
+
+func (s *NixStore) AddRoot(ctx context.Context, name, p string) error {
+	if err := checkRootName(name); err != nil {
+		return err
+	}
+	// --indirect registers the link in /nix/var/nix/gcroots/auto; Nix drops it once the link is gone.
+	_, err := s.run(ctx, nil, "--realise", p, "--add-root", filepath.Join(s.rootDir, name), "--indirect")
+	return err
+}
+
+func (s *NixStore) RemoveRoot(_ context.Context, name string) error {
+	if err := checkRootName(name); err != nil {
+		return err
+	}
+	err := os.Remove(filepath.Join(s.rootDir, name))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+// stage spools the verified NAR to a file; commit feeds it to nix-store --import.
+func (s *NixStore) stage(tmp string, info *PathInfo) (stager, error) {
+	base, err := ParsePath(info.Path)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(tmp, base+".nar"), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	return &spool{f: f, w: bufio.NewWriterSize(f, 256<<10)}, nil
+}
+
+type spool struct {
+	f *os.File
+	w *bufio.Writer
+}
+
+func (sp *spool) raw() io.Writer                     { return sp.w }
+func (sp *spool) entry(*nar.Header, io.Reader) error { return nil }
+
+func (sp *spool) finish() error {
+	if err := sp.w.Flush(); err != nil {
+		sp.f.Close()
+		return err
+	}
+	return sp.f.Close()
+}
+
+func (sp *spool) discard() error {
+	if err := sp.f.Truncate(0); err != nil {
+		return err
+	}
+	if _, err := sp.f.Seek(0, io.SeekStart); err != nil {
+		return err
+	}
+	sp.w.Reset(sp.f)
+	return nil
+}
+
+// commit writes the spooled NARs as one export stream into nix-store --import, references first.
+func (s *NixStore) commit(ctx context.Context, tmp string, infos []*PathInfo) error {
+	if len(infos) == 0 {
+		return nil
+	}
+	pr, pw := io.Pipe()
+	go func() {
+		pw.CloseWithError(writeExport(pw, tmp, infos))
+	}()
+	_, err := s.run(ctx, pr, "--import")
+	pr.Close()
+	return err
+}
+
+func writeExport(w io.Writer, tmp string, infos []*PathInfo) error {
+	bw := bufio.NewWriterSize(w, 256<<10)
+	for _, info := range infos {
+		base, _ := ParsePath(info.Path)
+		if err := wire.WriteUint64(bw, 1); err != nil {
+			return err
+		}
+		f, err := os.Open(filepath.Join(tmp, base+".nar"))
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(bw, f)
+		f.Close()
+		if err != nil {
+			return err
+		}
+		if err := wire.WriteUint64(bw, exportMagic); err != nil {
+			return err
+		}
+		if err := wire.WriteString(bw, info.Path); err != nil {
+			return err
+		}
+		if err := wire.WriteUint64(bw, uint64(len(info.References))); err != nil {
+			return err
+		}
+		for _, r := range info.References {
+			if err := wire.WriteString(bw, r); err != nil {
+				return err
+			}
+		}
+		// No deriver, no legacy signature.
+		if err := wire.WriteString(bw, ""); err != nil {
+			return err
+		}
+		if err := wire.WriteUint64(bw, 0); err != nil {
+			return err
+		}
+	}
+	if err := wire.WriteUint64(bw, 0); err != nil {
+		return err
+	}
+	return bw.Flush()
+}
+
+var _ Store = (*NixStore)(nil)
