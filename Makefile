@@ -6,7 +6,7 @@ PLUGIN := $(BUILD)/nomad-driver-nixos
 TESTHOST := e2e/testhost/testhost.sh
 FIXTURES_ENV := $(or $(NIXOS_NSPAWN_CACHE),/var/cache/nomad-driver-nixos)/fixtures.env
 # Packages that hold test binaries run inside the systemd test host.
-INTEGRATION_PKGS := driver
+INTEGRATION_PKGS := closure driver
 
 .PHONY: all build lint unit testhost-ready integration nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
 

@@ -25,6 +25,11 @@ func OpenDirCache(dir, name string) (*DirCache, error) {
 	if err != nil {
 		return nil, err
 	}
+	return NewDirCache(root, name)
+}
+
+// NewDirCache uses an opened directory as a cache, and closes it with the cache.
+func NewDirCache(root *os.Root, name string) (*DirCache, error) {
 	if err := checkCacheInfo(root); err != nil {
 		root.Close()
 		return nil, fmt.Errorf("%s: %w", name, err)

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -20,13 +21,18 @@ import (
 type HTTPCache struct {
 	base   *url.URL
 	client *http.Client
+
+	// info is the check of nix-cache-info, made on first use so that an unneeded cache is
+	// never contacted.
+	info    sync.Once
+	infoErr error
 }
 
 // httpHeaderTimeout bounds the wait for a response; bodies may take as long as they need.
 const httpHeaderTimeout = 30 * time.Second
 
-// NewHTTPCache checks the URL and the cache's nix-cache-info, if it has one.
-func NewHTTPCache(ctx context.Context, rawURL string, client *http.Client) (*HTTPCache, error) {
+// NewHTTPCache checks the URL; the cache's nix-cache-info is checked when it is first used.
+func NewHTTPCache(rawURL string, client *http.Client) (*HTTPCache, error) {
 	u, err := ParseCacheURL(rawURL)
 	if err != nil {
 		return nil, err
@@ -36,19 +42,22 @@ func NewHTTPCache(ctx context.Context, rawURL string, client *http.Client) (*HTT
 		t.ResponseHeaderTimeout = httpHeaderTimeout
 		client = &http.Client{Transport: t}
 	}
-	c := &HTTPCache{base: u, client: client}
-	rc, err := c.open(ctx, "nix-cache-info")
+	return &HTTPCache{base: u, client: client}, nil
+}
+
+func (c *HTTPCache) checkInfo(ctx context.Context) error {
+	rc, err := c.get(ctx, "nix-cache-info")
 	switch {
 	case errors.Is(err, errNotFound):
-		return c, nil
+		return nil
 	case err != nil:
-		return nil, err
+		return err
 	}
 	defer rc.Close()
 	if err := parseCacheInfo(rc); err != nil {
-		return nil, fmt.Errorf("%s: %w", c, err)
+		return integrityf("%s: %w", c, err)
 	}
-	return c, nil
+	return nil
 }
 
 // ParseCacheURL accepts http and https URLs without user info, query or fragment.
@@ -66,6 +75,14 @@ func (c *HTTPCache) String() string { return c.base.String() }
 func (c *HTTPCache) retryable() bool { return true }
 
 func (c *HTTPCache) open(ctx context.Context, rel string) (io.ReadCloser, error) {
+	c.info.Do(func() { c.infoErr = c.checkInfo(ctx) })
+	if c.infoErr != nil {
+		return nil, c.infoErr
+	}
+	return c.get(ctx, rel)
+}
+
+func (c *HTTPCache) get(ctx context.Context, rel string) (io.ReadCloser, error) {
 	u := *c.base
 	u.Path += "/" + rel
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)

@@ -231,7 +231,7 @@ func TestImportHTTPCache(t *testing.T) {
 
 	t.Run("retries a dropped connection", func(t *testing.T) {
 		srv, dropped := cacheServer(t, dir, 1)
-		cache, err := NewHTTPCache(context.Background(), srv.URL, nil)
+		cache, err := NewHTTPCache(srv.URL, nil)
 		must.NoError(t, err)
 		s := ownStore(t)
 		res, err := NewImporter(s, fixturePolicy(t)).Import(context.Background(), Request{Toplevel: tiny, Caches: []Source{cache}, Root: "a"})
@@ -241,7 +241,7 @@ func TestImportHTTPCache(t *testing.T) {
 	})
 	t.Run("gives up and leaves nothing", func(t *testing.T) {
 		srv, dropped := cacheServer(t, dir, 100)
-		cache, err := NewHTTPCache(context.Background(), srv.URL, nil)
+		cache, err := NewHTTPCache(srv.URL, nil)
 		must.NoError(t, err)
 		s := ownStore(t)
 		_, err = NewImporter(s, fixturePolicy(t)).Import(context.Background(), Request{Toplevel: tiny, Caches: []Source{cache}, Root: "a"})
@@ -255,7 +255,7 @@ func TestImportHTTPCache(t *testing.T) {
 		srv, _ := cacheServer(t, dir, 0)
 		var caches []Source
 		for _, u := range []string{empty.URL, srv.URL + "/"} {
-			c, err := NewHTTPCache(context.Background(), u, nil)
+			c, err := NewHTTPCache(u, nil)
 			must.NoError(t, err)
 			caches = append(caches, c)
 		}

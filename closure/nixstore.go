@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 
 	"github.com/nix-community/go-nix/pkg/nar"
@@ -109,7 +110,9 @@ func (s *NixStore) Requisites(ctx context.Context, p string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	return strings.Fields(res), nil
+	paths := strings.Fields(res)
+	sort.Strings(paths)
+	return paths, nil
 }
 
 // Realise makes p valid through the host's own substituters and builders.

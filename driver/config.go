@@ -4,9 +4,7 @@
 package driver
 
 import (
-	"errors"
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -16,6 +14,7 @@ import (
 
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/closure"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -24,21 +23,28 @@ const (
 	defaultSlice        = "machine.slice"
 	defaultTasksMax     = 16384
 	defaultReadyTimeout = "2m"
+	defaultGCGrace      = "1h"
 	maxReadyTimeout     = time.Hour
 	// nixosSystemBin is where NixOS keeps system tools; its Nomad unit does not have it in PATH.
 	nixosSystemBin = "/run/current-system/sw/bin"
 )
 
 var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
-	"enabled":            hclspec.NewDefault(hclspec.NewAttr("enabled", "bool", false), hclspec.NewLiteral("true")),
-	"data_dir":           hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
-	"nspawn_path":        hclspec.NewAttr("nspawn_path", "string", false),
-	"systemd_run_path":   hclspec.NewAttr("systemd_run_path", "string", false),
-	"journalctl_path":    hclspec.NewAttr("journalctl_path", "string", false),
-	"nsenter_path":       hclspec.NewAttr("nsenter_path", "string", false),
-	"slice":              hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
-	"tasks_max":          hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
-	"allow_host_network": hclspec.NewDefault(hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral("false")),
+	"enabled":             hclspec.NewDefault(hclspec.NewAttr("enabled", "bool", false), hclspec.NewLiteral("true")),
+	"data_dir":            hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
+	"nspawn_path":         hclspec.NewAttr("nspawn_path", "string", false),
+	"systemd_run_path":    hclspec.NewAttr("systemd_run_path", "string", false),
+	"journalctl_path":     hclspec.NewAttr("journalctl_path", "string", false),
+	"nsenter_path":        hclspec.NewAttr("nsenter_path", "string", false),
+	"slice":               hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
+	"tasks_max":           hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
+	"allow_host_network":  hclspec.NewDefault(hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral("false")),
+	"store":               hclspec.NewDefault(hclspec.NewAttr("store", "string", false), hclspec.NewLiteral(`"auto"`)),
+	"nix_store_path":      hclspec.NewAttr("nix_store_path", "string", false),
+	"trusted_public_keys": hclspec.NewAttr("trusted_public_keys", "list(string)", false),
+	"substituters":        hclspec.NewAttr("substituters", "list(string)", false),
+	"allow_unsigned":      hclspec.NewDefault(hclspec.NewAttr("allow_unsigned", "bool", false), hclspec.NewLiteral("false")),
+	"gc_grace":            hclspec.NewDefault(hclspec.NewAttr("gc_grace", "string", false), hclspec.NewLiteral(strconv.Quote(defaultGCGrace))),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -49,6 +55,10 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"reboot_policy": hclspec.NewDefault(hclspec.NewAttr("reboot_policy", "string", false), hclspec.NewLiteral(`"exit"`)),
 	"network_mode":  hclspec.NewDefault(hclspec.NewAttr("network_mode", "string", false), hclspec.NewLiteral(`"veth"`)),
 	"host_bridge":   hclspec.NewAttr("host_bridge", "string", false),
+	"binary_cache":  hclspec.NewAttr("binary_cache", "string", false),
+	"export":        hclspec.NewAttr("export", "string", false),
+	"substituters":  hclspec.NewAttr("substituters", "list(string)", false),
+	"store_view":    hclspec.NewDefault(hclspec.NewAttr("store_view", "string", false), hclspec.NewLiteral(`"closure"`)),
 })
 
 // PluginConfig is the plugin block of the Nomad agent configuration.
@@ -63,6 +73,20 @@ type PluginConfig struct {
 	TasksMax       int64  `codec:"tasks_max"`
 	// AllowHostNetwork lets tasks share the host's network namespace (network_mode = "host").
 	AllowHostNetwork bool `codec:"allow_host_network"`
+	// Store is "auto", "host" (the host's Nix store) or "driver" (a store under data_dir).
+	Store        string `codec:"store"`
+	NixStorePath string `codec:"nix_store_path"`
+	// TrustedPublicKeys are nix.conf-style "name:base64" keys; a fetched path needs a signature by one.
+	TrustedPublicKeys []string `codec:"trusted_public_keys"`
+	// Substituters are binary caches every task may be fetched from, after the task's own.
+	Substituters []string `codec:"substituters"`
+	// AllowUnsigned accepts unsigned paths and export streams.
+	AllowUnsigned bool `codec:"allow_unsigned"`
+	// GCGrace is how long the driver's own store keeps a closure no allocation uses.
+	GCGrace string `codec:"gc_grace"`
+
+	gcGrace time.Duration
+	keys    closure.TrustedKeys
 }
 
 // TaskConfig is the config block of a task.
@@ -74,6 +98,13 @@ type TaskConfig struct {
 	RebootPolicy string   `codec:"reboot_policy"`
 	NetworkMode  string   `codec:"network_mode"`
 	HostBridge   string   `codec:"host_bridge"`
+	// BinaryCache is a binary cache directory in the task directory, from an artifact.
+	BinaryCache string `codec:"binary_cache"`
+	// Export is a nix-store --export stream in the task directory, from an artifact.
+	Export       string   `codec:"export"`
+	Substituters []string `codec:"substituters"`
+	// StoreView is "closure" (only the closure's paths in /nix/store) or "host" (the whole host store).
+	StoreView string `codec:"store_view"`
 }
 
 // ifName is what Linux accepts as an interface name, without the characters ip(8) treats specially.
@@ -93,6 +124,28 @@ func (c *PluginConfig) validate() error {
 	if c.TasksMax < 0 {
 		return fmt.Errorf("tasks_max = %d: must be 0 (no limit) or positive", c.TasksMax)
 	}
+	switch c.Store {
+	case "", storeAuto:
+		c.Store = storeAuto
+	case closure.KindHost, closure.KindDriver:
+	default:
+		return fmt.Errorf("store = %q: must be %q (the host's Nix store if it is writable, else the driver's own), %q or %q", c.Store, storeAuto, closure.KindHost, closure.KindDriver)
+	}
+	var err error
+	if c.keys, err = closure.ParseTrustedKeys(c.TrustedPublicKeys); err != nil {
+		return err
+	}
+	for i, u := range c.Substituters {
+		if _, err := closure.ParseCacheURL(u); err != nil {
+			return fmt.Errorf("substituters[%d] = %w", i, err)
+		}
+	}
+	if c.GCGrace == "" {
+		c.GCGrace = defaultGCGrace
+	}
+	if c.gcGrace, err = time.ParseDuration(c.GCGrace); err != nil || c.gcGrace < 0 {
+		return fmt.Errorf("gc_grace = %q: must be a duration such as \"1h\" or \"0s\"", c.GCGrace)
+	}
 	for _, t := range []struct {
 		field, name string
 		path        *string
@@ -101,6 +154,7 @@ func (c *PluginConfig) validate() error {
 		{"systemd_run_path", "systemd-run", &c.SystemdRunPath},
 		{"journalctl_path", "journalctl", &c.JournalctlPath},
 		{"nsenter_path", "nsenter", &c.NsenterPath},
+		{"nix_store_path", "nix-store", &c.NixStorePath},
 	} {
 		if *t.path == "" {
 			*t.path = findTool(t.name)
@@ -132,6 +186,7 @@ type taskOptions struct {
 	privateUsers string
 	rebootPolicy nspawn.RebootPolicy
 	networkMode  string
+	storeView    string
 }
 
 // validate checks the task config; it runs after Nomad's interpolation, so it sees the values
@@ -173,6 +228,27 @@ func (c *TaskConfig) options() (taskOptions, error) {
 	if c.HostBridge != "" && o.networkMode != nspawn.NetworkVeth {
 		return o, fmt.Errorf("host_bridge = %q: only with network_mode = %q, not %q", c.HostBridge, nspawn.NetworkVeth, o.networkMode)
 	}
+	if c.BinaryCache != "" && c.Export != "" {
+		return o, fmt.Errorf("binary_cache = %q and export = %q: give one way to deliver the closure, not both", c.BinaryCache, c.Export)
+	}
+	for _, f := range []struct{ name, value string }{{"binary_cache", c.BinaryCache}, {"export", c.Export}} {
+		if f.value != "" && !taskDirPath(f.value) {
+			return o, fmt.Errorf("%s = %q: must be a path relative to the task directory, such as \"local/closure\", without '..'", f.name, f.value)
+		}
+	}
+	for i, u := range c.Substituters {
+		if _, err := closure.ParseCacheURL(u); err != nil {
+			return o, fmt.Errorf("substituters[%d] = %w", i, err)
+		}
+	}
+	switch c.StoreView {
+	case "", storeViewClosure:
+		o.storeView = storeViewClosure
+	case storeViewHost:
+		o.storeView = storeViewHost
+	default:
+		return o, fmt.Errorf("store_view = %q: must be %q (only the closure's paths in /nix/store) or %q (the host's whole Nix store)", c.StoreView, storeViewClosure, storeViewHost)
+	}
 	switch p := nspawn.RebootPolicy(c.RebootPolicy); p {
 	case nspawn.RebootExit, nspawn.RebootRestart:
 		o.rebootPolicy = p
@@ -182,30 +258,25 @@ func (c *TaskConfig) options() (taskOptions, error) {
 	return o, nil
 }
 
-// validateToplevel checks that path is a NixOS system built for containers and present here.
+// validateToplevel checks that path is a store path; whether it is a NixOS system for containers
+// is checked once it is in the store.
 func validateToplevel(path string) error {
-	if !storePath.MatchString(path) {
+	if _, err := closure.ParsePath(path); err != nil || !storePath.MatchString(path) {
 		return fmt.Errorf("toplevel = %q: must be a Nix store path like /nix/store/<32-character hash>-nixos-system-<name>", path)
-	}
-	fi, err := os.Lstat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("toplevel = %q: no such store path on this host", path)
-	}
-	if err != nil {
-		return fmt.Errorf("toplevel = %q: %w", path, err)
-	}
-	if !fi.IsDir() {
-		return fmt.Errorf("toplevel = %q: must be the directory of a NixOS system (found %s)", path, fi.Mode().Type())
-	}
-	initFi, err := os.Stat(filepath.Join(path, "init"))
-	if err != nil || initFi.IsDir() || initFi.Mode().Perm()&0o111 == 0 {
-		return fmt.Errorf("toplevel = %q: not a NixOS system closure: it has no executable init", path)
-	}
-	if _, err := os.Lstat(filepath.Join(path, "kernel")); err == nil {
-		return fmt.Errorf("toplevel = %q: has a kernel, so it is a NixOS system for a VM or bare metal; build it with boot.isNspawnContainer = true", path)
 	}
 	return nil
 }
+
+// taskDirPath says whether p names something inside the task directory.
+func taskDirPath(p string) bool {
+	return p != "" && !filepath.IsAbs(p) && filepath.IsLocal(p) && !strings.ContainsRune(p, 0)
+}
+
+const (
+	storeAuto        = "auto"
+	storeViewClosure = "closure"
+	storeViewHost    = "host"
+)
 
 // nspawn's picked ranges start at 0x80000 and are 64 Ki UIDs wide (systemd docs/UIDS-GIDS.md).
 const (

@@ -65,6 +65,13 @@ func TestPluginConfigValidate_Errors(t *testing.T) {
 		{"relative nspawn_path", func(c *PluginConfig) { c.NspawnPath = "systemd-nspawn" }, "nspawn_path", `"systemd-nspawn"`},
 		{"relative systemd_run_path", func(c *PluginConfig) { c.SystemdRunPath = "bin/systemd-run" }, "systemd_run_path", `"bin/systemd-run"`},
 		{"relative journalctl_path", func(c *PluginConfig) { c.JournalctlPath = "./journalctl" }, "journalctl_path", `"./journalctl"`},
+		{"relative nix_store_path", func(c *PluginConfig) { c.NixStorePath = "nix-store" }, "nix_store_path", `"nix-store"`},
+		{"unknown store", func(c *PluginConfig) { c.Store = "nix" }, "store", `"nix"`},
+		{"bad key", func(c *PluginConfig) { c.TrustedPublicKeys = []string{"cache.nixos.org-1"} }, "trusted_public_keys[0]", `"cache.nixos.org-1"`},
+		{"short key", func(c *PluginConfig) { c.TrustedPublicKeys = []string{"k:AAAA"} }, "trusted_public_keys[0]", `"k:AAAA"`},
+		{"substituter without scheme", func(c *PluginConfig) { c.Substituters = []string{"cache.example.org"} }, "substituters[0]", `"cache.example.org"`},
+		{"gc_grace not a duration", func(c *PluginConfig) { c.GCGrace = "1 day" }, "gc_grace", `"1 day"`},
+		{"gc_grace negative", func(c *PluginConfig) { c.GCGrace = "-1h" }, "gc_grace", `"-1h"`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -152,15 +159,13 @@ func TestValidateToplevel_Pattern(t *testing.T) {
 	}
 }
 
-// A well-formed store path passes the pattern and fails only for being absent here.
-func TestValidateToplevel_Absent(t *testing.T) {
+// A well-formed store path passes; whether it is a NixOS system is checked once it is in the store.
+func TestValidateToplevel_WellFormed(t *testing.T) {
 	for _, p := range []string{
 		absentToplevel,
 		"/nix/store/abcdfghijklmnpqrsvwxyz0123456789-nixos-system-x_1.2+3?=",
 	} {
-		err := validateToplevel(p)
-		mustNameField(t, err, "toplevel = ", fmt.Sprintf("%q", p))
-		must.StrContains(t, err.Error(), "no such store path")
+		must.NoError(t, validateToplevel(p))
 	}
 }
 
@@ -179,19 +184,19 @@ func TestTaskConfigOptions_OK(t *testing.T) {
 		mutate func(*TaskConfig)
 		want   taskOptions
 	}{
-		{"defaults", func(*TaskConfig) {}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
-		{"ready_timeout 2m", func(c *TaskConfig) { c.ReadyTimeout = "2m" }, taskOptions{2 * time.Minute, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
-		{"ready_timeout 1h is the maximum", func(c *TaskConfig) { c.ReadyTimeout = "1h" }, taskOptions{time.Hour, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
-		{"ready_timeout 1ms", func(c *TaskConfig) { c.ReadyTimeout = "1ms" }, taskOptions{time.Millisecond, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
-		{"private_users range", func(c *TaskConfig) { c.PrivateUsers = "524288:65536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth}},
-		{"private_users base only", func(c *TaskConfig) { c.PrivateUsers = "524288" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth}},
-		{"private_users normalized", func(c *TaskConfig) { c.PrivateUsers = "0524288:065536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth}},
-		{"private_users last range", func(c *TaskConfig) { c.PrivateUsers = "1878982656" }, taskOptions{90 * time.Second, "1878982656:65536", nspawn.RebootExit, nspawn.NetworkVeth}},
-		{"reboot_policy restart", func(c *TaskConfig) { c.RebootPolicy = "restart" }, taskOptions{90 * time.Second, "pick", nspawn.RebootRestart, nspawn.NetworkVeth}},
-		{"network_mode none", func(c *TaskConfig) { c.NetworkMode = "none" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkNone}},
-		{"network_mode host", func(c *TaskConfig) { c.NetworkMode = "host" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkHost}},
-		{"host_bridge with veth", func(c *TaskConfig) { c.HostBridge = "br0" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
-		{"init_args", func(c *TaskConfig) { c.InitArgs = []string{"systemd.unit=rescue.target", "a b", "--"} }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth}},
+		{"defaults", func(*TaskConfig) {}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure"}},
+		{"ready_timeout 2m", func(c *TaskConfig) { c.ReadyTimeout = "2m" }, taskOptions{2 * time.Minute, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure"}},
+		{"ready_timeout 1h is the maximum", func(c *TaskConfig) { c.ReadyTimeout = "1h" }, taskOptions{time.Hour, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure"}},
+		{"ready_timeout 1ms", func(c *TaskConfig) { c.ReadyTimeout = "1ms" }, taskOptions{time.Millisecond, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure"}},
+		{"private_users range", func(c *TaskConfig) { c.PrivateUsers = "524288:65536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure"}},
+		{"private_users base only", func(c *TaskConfig) { c.PrivateUsers = "524288" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure"}},
+		{"private_users normalized", func(c *TaskConfig) { c.PrivateUsers = "0524288:065536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure"}},
+		{"private_users last range", func(c *TaskConfig) { c.PrivateUsers = "1878982656" }, taskOptions{90 * time.Second, "1878982656:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure"}},
+		{"reboot_policy restart", func(c *TaskConfig) { c.RebootPolicy = "restart" }, taskOptions{90 * time.Second, "pick", nspawn.RebootRestart, nspawn.NetworkVeth, "closure"}},
+		{"network_mode none", func(c *TaskConfig) { c.NetworkMode = "none" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkNone, "closure"}},
+		{"network_mode host", func(c *TaskConfig) { c.NetworkMode = "host" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkHost, "closure"}},
+		{"host_bridge with veth", func(c *TaskConfig) { c.HostBridge = "br0" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure"}},
+		{"init_args", func(c *TaskConfig) { c.InitArgs = []string{"systemd.unit=rescue.target", "a b", "--"} }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -235,6 +240,13 @@ func TestTaskConfigOptions_Errors(t *testing.T) {
 		{"reboot_policy upper case", func(c *TaskConfig) { c.RebootPolicy = "Exit" }, "reboot_policy", `"Exit"`},
 		{"init_args NUL", func(c *TaskConfig) { c.InitArgs = []string{"ok", "a\x00b"} }, "init_args[1]", `"a\x00b"`},
 		{"init_args newline", func(c *TaskConfig) { c.InitArgs = []string{"a\nb"} }, "init_args[0]", `"a\nb"`},
+		{"binary_cache absolute", func(c *TaskConfig) { c.BinaryCache = "/etc" }, "binary_cache", `"/etc"`},
+		{"binary_cache escaping", func(c *TaskConfig) { c.BinaryCache = "local/../../x" }, "binary_cache", `"local/../../x"`},
+		{"export escaping", func(c *TaskConfig) { c.Export = "../closure" }, "export", `"../closure"`},
+		{"binary_cache and export", func(c *TaskConfig) { c.BinaryCache, c.Export = "local/c", "local/e" }, "binary_cache", `"local/c"`},
+		{"substituter not http", func(c *TaskConfig) { c.Substituters = []string{"file:///srv/cache"} }, "substituters[0]", `"file:///srv/cache"`},
+		{"substituter with user", func(c *TaskConfig) { c.Substituters = []string{"https://a:b@cache"} }, "substituters[0]", `"https://a:b@cache"`},
+		{"store_view all", func(c *TaskConfig) { c.StoreView = "all" }, "store_view", `"all"`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -256,7 +268,7 @@ func TestTaskConfigValidate(t *testing.T) {
 
 	tc = validTaskConfig()
 	_, err = tc.validate()
-	mustNameField(t, err, "toplevel = ", `"`+absentToplevel+`"`)
+	must.NoError(t, err)
 }
 
 func TestTaskConfigSchema_Defaults(t *testing.T) {
@@ -270,6 +282,7 @@ func TestTaskConfigSchema_Defaults(t *testing.T) {
 		PrivateUsers: "pick",
 		RebootPolicy: "exit",
 		NetworkMode:  "veth",
+		StoreView:    "closure",
 	}, tc)
 	// The defaults are themselves valid.
 	o, err := tc.options()
@@ -287,6 +300,9 @@ func TestTaskConfigSchema_AllFields(t *testing.T) {
   reboot_policy = "restart"
   network_mode  = "veth"
   host_bridge   = "br0"
+  binary_cache  = "local/cache"
+  substituters  = ["https://cache.example.org"]
+  store_view    = "host"
 }`, &tc)
 	must.Eq(t, TaskConfig{
 		Toplevel:     absentToplevel,
@@ -296,7 +312,16 @@ func TestTaskConfigSchema_AllFields(t *testing.T) {
 		RebootPolicy: "restart",
 		NetworkMode:  "veth",
 		HostBridge:   "br0",
+		BinaryCache:  "local/cache",
+		Substituters: []string{"https://cache.example.org"},
+		StoreView:    "host",
 	}, tc)
+	var exp TaskConfig
+	hclutils.NewConfigParser(taskConfigSpec).ParseHCL(t, `config {
+  toplevel = "`+absentToplevel+`"
+  export   = "local/system.closure"
+}`, &exp)
+	must.EqOp(t, "local/system.closure", exp.Export)
 }
 
 func TestPluginConfigSchema_Defaults(t *testing.T) {
@@ -307,6 +332,8 @@ func TestPluginConfigSchema_Defaults(t *testing.T) {
 		DataDir:  "/var/lib/nomad-driver-nixos",
 		Slice:    "machine.slice",
 		TasksMax: 16384,
+		Store:    "auto",
+		GCGrace:  "1h",
 	}, pc)
 	must.NoError(t, pc.validate())
 }
@@ -322,15 +349,30 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
   slice            = "nomad-machines.slice"
   tasks_max        = 0
   allow_host_network = true
+  store            = "driver"
+  nix_store_path   = "/opt/bin/nix-store"
+  trusted_public_keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+  substituters     = ["https://cache.example.org"]
+  allow_unsigned   = true
+  gc_grace         = "10m"
 }`, &pc)
 	must.Eq(t, PluginConfig{
-		Enabled:          false,
-		DataDir:          "/srv/machines",
-		NspawnPath:       "/opt/bin/systemd-nspawn",
-		SystemdRunPath:   "/opt/bin/systemd-run",
-		JournalctlPath:   "/opt/bin/journalctl",
-		Slice:            "nomad-machines.slice",
-		TasksMax:         0,
-		AllowHostNetwork: true,
+		Enabled:           false,
+		DataDir:           "/srv/machines",
+		NspawnPath:        "/opt/bin/systemd-nspawn",
+		SystemdRunPath:    "/opt/bin/systemd-run",
+		JournalctlPath:    "/opt/bin/journalctl",
+		Slice:             "nomad-machines.slice",
+		TasksMax:          0,
+		AllowHostNetwork:  true,
+		Store:             "driver",
+		NixStorePath:      "/opt/bin/nix-store",
+		TrustedPublicKeys: []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="},
+		Substituters:      []string{"https://cache.example.org"},
+		AllowUnsigned:     true,
+		GCGrace:           "10m",
 	}, pc)
+	must.NoError(t, pc.validate())
+	must.EqOp(t, 10*time.Minute, pc.gcGrace)
+	must.Eq(t, 1, len(pc.keys))
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers/fsisolation"
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/closure"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -81,6 +82,7 @@ type Driver struct {
 	config  PluginConfig
 	compute cpustats.Compute
 	cgroups nspawn.Cgroups
+	imp     *closure.Importer
 }
 
 // NewDriver returns a driver that is configured later through SetConfig.
@@ -120,10 +122,18 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 	if err != nil {
 		d.logger.Warn("cannot tell the cgroup mode", "error", err)
 	}
+	var imp *closure.Importer
+	if c.Enabled {
+		if imp, err = newImporter(c); err != nil {
+			return fmt.Errorf("nixos-nspawn plugin config: %w", err)
+		}
+		go d.collectGarbage(imp, c.gcGrace)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.config = c
 	d.cgroups = cg
+	d.imp = imp
 	if cfg.AgentConfig != nil {
 		d.compute = cfg.AgentConfig.Compute()
 	}
@@ -189,24 +199,41 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if err != nil {
 		return nil, nil, err
 	}
-	spec, err := d.machineSpec(cfg, &tc, opts)
+	machine, err := nspawn.MachineName(cfg.AllocID, cfg.Name)
 	if err != nil {
 		return nil, nil, err
+	}
+	// A machine of the same name is a leftover of an earlier run of this very task.
+	if err := d.removeMachine(d.ctx, machine, cfg.AllocID); err != nil {
+		return nil, nil, fmt.Errorf("removing the leftovers of an earlier run: %w", err)
+	}
+	// Fetching a closure takes as long as it takes; only the start below is bounded.
+	view, err := d.fetchClosure(d.ctx, cfg, &tc, opts, machine)
+	var handle *drivers.TaskHandle
+	if err == nil {
+		handle, err = d.start(cfg, tc, opts, view, pc)
+	}
+	if err != nil {
+		if cerr := d.removeMachine(context.Background(), machine, cfg.AllocID); cerr != nil {
+			d.logger.Error("rolling back a failed start", "machine", machine, "error", cerr)
+		}
+		return nil, nil, err
+	}
+	return handle, nil, nil
+}
+
+// start launches the machine of a task whose closure is in place and starts following it.
+func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions, view nspawn.StoreView, pc PluginConfig) (*drivers.TaskHandle, error) {
+	spec, err := d.machineSpec(cfg, &tc, opts, view)
+	if err != nil {
+		return nil, err
 	}
 	machineDir := filepath.Dir(spec.Root)
 	ctx, cancel := context.WithTimeout(d.ctx, registerTimeout+time.Minute)
 	defer cancel()
-
-	// A machine of the same name is a leftover of an earlier run of this very task.
-	if err := d.removeMachine(ctx, spec.Machine, cfg.AllocID); err != nil {
-		return nil, nil, fmt.Errorf("removing the leftovers of an earlier run: %w", err)
-	}
 	st, err := d.launch(ctx, cfg, spec, pc)
 	if err != nil {
-		if cerr := d.removeMachine(context.Background(), spec.Machine, cfg.AllocID); cerr != nil {
-			d.logger.Error("rolling back a failed start", "machine", spec.Machine, "error", cerr)
-		}
-		return nil, nil, err
+		return nil, err
 	}
 
 	state := TaskState{
@@ -220,11 +247,10 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	handle := drivers.NewTaskHandle(taskHandleVersion)
 	handle.Config = cfg
 	if err := handle.SetDriverState(&state); err != nil {
-		_ = d.removeMachine(context.Background(), spec.Machine, cfg.AllocID)
-		return nil, nil, fmt.Errorf("saving task state: %w", err)
+		return nil, fmt.Errorf("saving task state: %w", err)
 	}
 	d.track(cfg, state, opts.readyTimeout, false)
-	return handle, nil, nil
+	return handle, nil
 }
 
 // launch prepares the root and starts the unit, returning once machined registered the machine or
@@ -232,6 +258,9 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspawn.Spec, pc PluginConfig) (nspawn.UnitStatus, error) {
 	if err := nspawn.PrepareRoot(spec.Root); err != nil {
 		return nspawn.UnitStatus{}, err
+	}
+	if err := nspawn.PrepareStoreView(spec.Store); err != nil {
+		return nspawn.UnitStatus{}, fmt.Errorf("preparing the machine's /nix/store: %w", err)
 	}
 	if cfg.TaskDir() != nil && cfg.TaskDir().SecretsDir != "" {
 		skipped, err := nspawn.WriteEnvFile(filepath.Join(cfg.TaskDir().SecretsDir, envFileName), spec.Env)
@@ -480,6 +509,11 @@ func (d *Driver) removeMachine(ctx context.Context, machine, allocID string) err
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("removing %s: %w", dir, err)
+	}
+	if im := d.importer(); im != nil {
+		if err := im.RemoveRoot(ctx, machine); err != nil {
+			return fmt.Errorf("removing the GC root of machine %s: %w", machine, err)
+		}
 	}
 	return nil
 }

@@ -12,6 +12,8 @@ import (
 
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/hashicorp/nomad/plugins/shared/structs"
+
+	"github.com/nomad-nixos/nomad-driver-nixos/closure"
 )
 
 const attrPrefix = "driver." + PluginName + "."
@@ -74,6 +76,12 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 	d.mu.RUnlock()
 	if cg.Mode != "" {
 		fp.Attributes[attrPrefix+"cgroup_mode"] = structs.NewStringAttribute(string(cg.Mode))
+	}
+	if im := d.importer(); im != nil {
+		fp.Attributes[attrPrefix+"store"] = structs.NewStringAttribute(im.Store().Kind())
+	}
+	if v, err := closure.NixVersion(pc.NixStorePath); err == nil {
+		fp.Attributes[attrPrefix+"nix_version"] = structs.NewStringAttribute(v)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()

@@ -252,5 +252,12 @@ func inventory(t *testing.T, dataDir string) []string {
 	for _, e := range entries {
 		out = append(out, "dir "+e.Name())
 	}
+	// GC roots (the host's Nix store's and the driver's own) and import staging.
+	for _, d := range []string{"gcroots", "tmp", "store/.roots", "store/.tmp"} {
+		entries, _ := os.ReadDir(filepath.Join(dataDir, d))
+		for _, e := range entries {
+			out = append(out, d+" "+e.Name())
+		}
+	}
 	return out
 }

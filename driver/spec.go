@@ -21,7 +21,7 @@ import (
 var reservedEnv = []string{"container", "container_uuid", "container_host_", "NOTIFY_SOCKET", "LISTEN_", "SYSTEMD_"}
 
 // machineSpec translates a Nomad task into the machine that runs it.
-func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions) (*nspawn.Spec, error) {
+func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions, store nspawn.StoreView) (*nspawn.Spec, error) {
 	pc := d.pluginConfig()
 	d.mu.RLock()
 	cgroupMode := d.cgroups.Mode
@@ -48,6 +48,7 @@ func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOpti
 		StopTimeout:   stopTimeout,
 		RebootPolicy:  o.rebootPolicy,
 		Resources:     resources(cfg.Resources, pc.TasksMax),
+		Store:         store,
 	}
 	if s.Network, err = machineNetwork(cfg, tc, o, pc); err != nil {
 		return nil, err

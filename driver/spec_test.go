@@ -17,6 +17,9 @@ import (
 
 const testAllocID = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
 
+// testStore is the host view of the host's Nix store.
+var testStore = nspawn.StoreView{Dir: "/nix/store"}
+
 func nomadResources(memMB, memMaxMB, shares int64) *drivers.Resources {
 	return &drivers.Resources{NomadResources: &structs.AllocatedTaskResources{
 		Memory: structs.AllocatedMemoryResources{MemoryMB: memMB, MemoryMaxMB: memMaxMB},
@@ -181,7 +184,7 @@ func TestMachineSpec(t *testing.T) {
 	tc := &TaskConfig{Toplevel: absentToplevel, InitArgs: []string{"quiet"}}
 	o := taskOptions{readyTimeout: 90 * time.Second, privateUsers: "pick", rebootPolicy: nspawn.RebootRestart}
 
-	s, err := d.machineSpec(cfg, tc, o)
+	s, err := d.machineSpec(cfg, tc, o, testStore)
 	must.NoError(t, err)
 	machine, err := nspawn.MachineName(testAllocID, "web")
 	must.NoError(t, err)
@@ -211,19 +214,19 @@ func TestMachineSpec(t *testing.T) {
 	// The machine ID is a UUID in systemd's 32 hex digit form, stable per task and distinct
 	// between tasks.
 	must.RegexMatch(t, machineIDPattern, s.UUID)
-	again, err := d.machineSpec(cfg, tc, o)
+	again, err := d.machineSpec(cfg, tc, o, testStore)
 	must.NoError(t, err)
 	must.EqOp(t, s.UUID, again.UUID)
 	other := *cfg
 	other.Name = "db"
-	db, err := d.machineSpec(&other, tc, o)
+	db, err := d.machineSpec(&other, tc, o, testStore)
 	must.NoError(t, err)
 	must.NotEq(t, s.UUID, db.UUID)
 	must.NotEq(t, s.Machine, db.Machine)
 
 	// On cgroup v1 the guest gets no unified hierarchy forced on it.
 	d.cgroups.Mode = nspawn.CgroupHybrid
-	hybrid, err := d.machineSpec(cfg, tc, o)
+	hybrid, err := d.machineSpec(cfg, tc, o, testStore)
 	must.NoError(t, err)
 	must.False(t, hybrid.UnifiedCgroup)
 }
@@ -231,11 +234,11 @@ func TestMachineSpec(t *testing.T) {
 func TestMachineSpec_BadAllocDir(t *testing.T) {
 	d := &Driver{config: validPluginConfig()}
 	cfg := &drivers.TaskConfig{Name: "web", AllocID: testAllocID, AllocDir: "/var/lib/nomad/a:b"}
-	_, err := d.machineSpec(cfg, &TaskConfig{Toplevel: absentToplevel}, taskOptions{privateUsers: "pick"})
+	_, err := d.machineSpec(cfg, &TaskConfig{Toplevel: absentToplevel}, taskOptions{privateUsers: "pick"}, testStore)
 	must.ErrorContains(t, err, "a:b")
 
 	cfg = &drivers.TaskConfig{Name: "web", AllocID: "short", AllocDir: "/var/lib/nomad/alloc/x"}
-	_, err = d.machineSpec(cfg, &TaskConfig{Toplevel: absentToplevel}, taskOptions{privateUsers: "pick"})
+	_, err = d.machineSpec(cfg, &TaskConfig{Toplevel: absentToplevel}, taskOptions{privateUsers: "pick"}, testStore)
 	must.Error(t, err)
 }
 

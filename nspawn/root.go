@@ -159,3 +159,37 @@ func unescapeMountPath(s string) string {
 	}
 	return b.String()
 }
+
+// PrepareStoreView creates the view directory of a closure view: an empty mount point for each
+// path (a directory or a file, as the path is) and the symlink paths themselves. Mount points
+// made here rather than by nspawn let /nix/store stay read-only in the machine.
+func PrepareStoreView(v StoreView) error {
+	if v.Paths == nil {
+		return nil
+	}
+	if err := os.Mkdir(v.View, 0o755); err != nil {
+		return fmt.Errorf("creating the store view: %w", err)
+	}
+	for _, p := range v.Paths {
+		dst := filepath.Join(v.View, p)
+		if target, ok := v.Links[p]; ok {
+			if err := os.Symlink(target, dst); err != nil {
+				return err
+			}
+			continue
+		}
+		fi, err := os.Stat(filepath.Join(v.Dir, p))
+		if err != nil {
+			return err
+		}
+		if fi.IsDir() {
+			err = os.Mkdir(dst, 0o555)
+		} else {
+			err = os.WriteFile(dst, nil, 0o444)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return os.Chmod(v.View, 0o555)
+}

@@ -209,3 +209,32 @@ func TestMountsBelow(t *testing.T) {
 		}
 	}
 }
+
+func TestPrepareStoreView(t *testing.T) {
+	store := t.TempDir()
+	must.NoError(t, os.Mkdir(filepath.Join(store, "a-dir"), 0o555))
+	must.NoError(t, os.WriteFile(filepath.Join(store, "b-file"), []byte("x"), 0o444))
+	v := StoreView{
+		Dir:   store,
+		Paths: []string{"a-dir", "b-file", "c-link"},
+		Links: map[string]string{"c-link": "/nix/store/a-dir/bin"},
+		View:  filepath.Join(t.TempDir(), "view"),
+	}
+	must.NoError(t, PrepareStoreView(v))
+	fi, err := os.Lstat(filepath.Join(v.View, "a-dir"))
+	must.NoError(t, err)
+	must.True(t, fi.IsDir())
+	fi, err = os.Lstat(filepath.Join(v.View, "b-file"))
+	must.NoError(t, err)
+	must.True(t, fi.Mode().IsRegular())
+	must.EqOp(t, int64(0), fi.Size())
+	target, err := os.Readlink(filepath.Join(v.View, "c-link"))
+	must.NoError(t, err)
+	must.Eq(t, "/nix/store/a-dir/bin", target)
+	entries, err := os.ReadDir(v.View)
+	must.NoError(t, err)
+	must.Len(t, 3, entries)
+
+	// The host view needs no view directory.
+	must.NoError(t, PrepareStoreView(StoreView{Dir: store, View: filepath.Join(t.TempDir(), "none")}))
+}

@@ -69,7 +69,40 @@ type Spec struct {
 
 	Network   Network
 	Resources Resources
+	Store     StoreView
 }
+
+// StoreView is what the machine sees in /nix/store.
+type StoreView struct {
+	// Dir is the host directory holding the store paths by base name.
+	Dir string
+	// Paths are the base names the machine sees, each bound on its own; nil binds all of Dir.
+	Paths []string
+	// Links are the Paths that are symlinks, with their targets: a bind mount would follow
+	// them on the host, so they are written into View instead.
+	Links map[string]string
+	// View is the host directory, made by PrepareStoreView, that becomes the machine's
+	// read-only /nix/store with Paths bound onto its mount points.
+	View string
+}
+
+func (v StoreView) args() []string {
+	if v.Paths == nil {
+		return []string{"--bind-ro=" + v.Dir + ":" + guestStore}
+	}
+	// nspawn mounts parents before children, so the paths land on the view's mount points.
+	args := make([]string, 0, len(v.Paths)+1)
+	args = append(args, "--bind-ro="+v.View+":"+guestStore)
+	for _, p := range v.Paths {
+		if _, link := v.Links[p]; !link {
+			args = append(args, "--bind-ro="+filepath.Join(v.Dir, p)+":"+guestStore+"/"+p)
+		}
+	}
+	return args
+}
+
+// guestStore is the Nix store inside the machine.
+const guestStore = "/nix/store"
 
 // Network modes of a machine.
 const (
@@ -134,8 +167,8 @@ func (s *Spec) Args() []string {
 		"--link-journal=no",
 		"--timezone=off",
 		"--resolv-conf=off",
-		"--bind-ro=/nix/store",
 	}
+	args = append(args, s.Store.args()...)
 	args = append(args, s.Network.args()...)
 	if s.UUID != "" {
 		args = append(args, "--uuid="+s.UUID)
@@ -164,6 +197,17 @@ func (s *Spec) Validate() error {
 	// The exit file path ends up in a shell command that systemd expands $ in first.
 	if strings.ContainsAny(s.ExitFile, "'$\n\x00") || !filepath.IsAbs(s.ExitFile) {
 		return fmt.Errorf("exit file path %q must be absolute and contain no quote, '$' or control characters", s.ExitFile)
+	}
+	if !filepath.IsAbs(s.Store.Dir) || strings.ContainsAny(s.Store.Dir, ":\\\n\x00") {
+		return fmt.Errorf("store directory %q must be absolute and contain no ':', '\\' or control characters", s.Store.Dir)
+	}
+	if s.Store.Paths != nil && (!filepath.IsAbs(s.Store.View) || strings.ContainsAny(s.Store.View, ":\\\n\x00")) {
+		return fmt.Errorf("store view directory %q must be absolute and contain no ':', '\\' or control characters", s.Store.View)
+	}
+	for _, p := range s.Store.Paths {
+		if p == "" || p == "." || p == ".." || strings.ContainsAny(p, "/:\\\n\x00") {
+			return fmt.Errorf("store path name %q must be a plain name without ':', '\\' or control characters", p)
+		}
 	}
 	for _, b := range s.Binds {
 		for _, p := range []string{b.Source, b.Dest} {

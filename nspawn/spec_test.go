@@ -39,6 +39,12 @@ func testSpec() *Spec {
 		ReadyTimeout: 90 * time.Second,
 		StopTimeout:  30 * time.Second,
 		RebootPolicy: RebootExit,
+		Store: StoreView{
+			Dir:   "/var/lib/nomad-driver-nixos/store",
+			Paths: []string{testToplevel[len("/nix/store/"):], "1b9p07z77phvv2hf6gm9f28syrq2bmz4-link", "3n58xw4373jp0ljirf06d8077j15pc4j-glibc-2.40"},
+			Links: map[string]string{"1b9p07z77phvv2hf6gm9f28syrq2bmz4-link": "/nix/store/3n58xw4373jp0ljirf06d8077j15pc4j-glibc-2.40"},
+			View:  "/var/lib/nomad-driver-nixos/machines/nomad-3f2504e0-web/store",
+		},
 	}
 }
 
@@ -59,7 +65,11 @@ func TestSpecArgs_Golden(t *testing.T) {
 		"--link-journal=no",
 		"--timezone=off",
 		"--resolv-conf=off",
-		"--bind-ro=/nix/store",
+		// The closure view: a read-only view with one mount point per path, then one read-only
+		// bind per path; the symlink is in the view itself.
+		"--bind-ro=/var/lib/nomad-driver-nixos/machines/nomad-3f2504e0-web/store:/nix/store",
+		"--bind-ro=/var/lib/nomad-driver-nixos/store/0c7hkqjx3pb2xvdm0ncvb8hgxwqbb1ps-nixos-system-web-25.05:/nix/store/0c7hkqjx3pb2xvdm0ncvb8hgxwqbb1ps-nixos-system-web-25.05",
+		"--bind-ro=/var/lib/nomad-driver-nixos/store/3n58xw4373jp0ljirf06d8077j15pc4j-glibc-2.40:/nix/store/3n58xw4373jp0ljirf06d8077j15pc4j-glibc-2.40",
 		"--network-veth",
 		"--uuid=5c3d1ea1b6f84ff1a6a04bc1e4c1a0d2",
 		"--bind=/var/lib/nomad/alloc/3f2504e0/alloc:/alloc",
@@ -84,12 +94,14 @@ func TestSpecArgs_Minimal(t *testing.T) {
 		Toplevel:     testToplevel,
 		NspawnPath:   "/bin/systemd-nspawn",
 		PrivateUsers: "524288:65536",
+		Store:        StoreView{Dir: "/nix/store"},
 	}
 	args := s.Args()
 	must.EqOp(t, "/bin/systemd-nspawn", args[0])
 	must.SliceContainsOp(t, args, "--private-users=524288:65536")
 	// Without a UUID, binds, env or init args, the command line ends with "-- <toplevel>/init".
-	must.Eq(t, []string{"--bind-ro=/nix/store", "--network-veth", "--", testToplevel + "/init"}, args[len(args)-4:])
+	// The host view binds the whole store.
+	must.Eq(t, []string{"--bind-ro=/nix/store:/nix/store", "--network-veth", "--", testToplevel + "/init"}, args[len(args)-4:])
 	for _, a := range args {
 		must.StrNotContains(t, a, "--uuid")
 		must.StrNotContains(t, a, "--setenv")
@@ -134,6 +146,12 @@ func TestSpecValidate(t *testing.T) {
 		{"NUL in env name", func(s *Spec) { s.Env["B\x00AD"] = "x" }, `"B\x00AD"`},
 		{"= in env name", func(s *Spec) { s.Env["B=AD"] = "x" }, `"B=AD"`},
 		{"NUL in init arg", func(s *Spec) { s.InitArgs = append(s.InitArgs, "a\x00b") }, `"a\x00b"`},
+		{"no store dir", func(s *Spec) { s.Store.Dir = "" }, "store directory"},
+		{"colon in store dir", func(s *Spec) { s.Store.Dir = "/a:b" }, `"/a:b"`},
+		{"store path with slash", func(s *Spec) { s.Store.Paths[0] = "../etc" }, `"../etc"`},
+		{"store path dot-dot", func(s *Spec) { s.Store.Paths[0] = ".." }, `".."`},
+		{"colon in store path", func(s *Spec) { s.Store.Paths[0] = "a:/etc" }, `"a:/etc"`},
+		{"closure view without a view dir", func(s *Spec) { s.Store.View = "" }, "store view directory"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -22,6 +22,7 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+CACHE_DIR=${NIXOS_NSPAWN_CACHE:-/var/cache/nomad-driver-nixos}
 TESTHOST=$REPO_ROOT/e2e/testhost/testhost.sh
 
 BUILD=$REPO_ROOT/build
@@ -192,6 +193,16 @@ cmd_down() {
 	return "$rc"
 }
 
+# render_config SRC DST: the README's configuration, trusting the key that signed the fixture
+# closures (e2e/fixtures/build.sh) where the README has its commented example.
+render_config() {
+	local key
+	key=$(cat "$CACHE_DIR/fixtures/closures/key.pub") || die "no fixture key: run e2e/fixtures/build.sh"
+	sed "s|^    # trusted_public_keys = .*|    trusted_public_keys = [\"$key\"]|" "$1" >"$2.tmp"
+	grep -q "trusted_public_keys = \[\"$key\"\]" "$2.tmp" || die "$1 has no trusted_public_keys line to fill in"
+	mv "$2.tmp" "$2"
+}
+
 cmd_up() {
 	[[ -x $PLUGIN ]] || die "$PLUGIN is missing (run: make build)"
 	local nomad_src
@@ -212,6 +223,7 @@ cmd_up() {
 
 	setup_cgroups
 	th mkdir -p "$DATA_DIR"
+	render_config "$SCRIPT_DIR/agent.hcl" "$REPO_ROOT/build/agent.hcl"
 	log "starting $UNIT"
 	# A single-node server and client keeping their state in DATA_DIR (not -dev, whose
 	# in-memory server forgets every job when the agent restarts, which the e2e suite does).
@@ -222,7 +234,7 @@ cmd_up() {
 		-p KillMode=mixed -p TimeoutStopSec=60 \
 		/usr/bin/env -u AWS_CA_BUNDLE "$NOMAD_BIN" agent -server -client -bootstrap-expect=1 \
 		-bind=127.0.0.1 -network-interface=lo \
-		-config="$SCRIPT_DIR/agent.hcl" -plugin-dir="$PLUGIN_DIR" -data-dir="$DATA_DIR"
+		-config="$REPO_ROOT/build/agent.hcl" -plugin-dir="$PLUGIN_DIR" -data-dir="$DATA_DIR"
 
 	local start=$SECONDS state=""
 	while ((SECONDS - start < UP_TIMEOUT)); do

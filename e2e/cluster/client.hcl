@@ -33,6 +33,12 @@ plugin "nomad-driver-nixos" {
     # nsenter_path     = "/run/current-system/sw/bin/nsenter"
     slice     = "machine.slice"
     tasks_max = 16384
+    # Closures go into the host's Nix store when it is writable, else into a store
+    # under data_dir ("auto"); "host" or "driver" forces one.
+    store = "auto"
+    # Fetched closures must be signed by one of these keys (nix.conf's format):
+    # trusted_public_keys = ["cache.example.org-1:<base64 public key>"]
+    # substituters        = ["https://cache.example.org"]
   }
 }
 

@@ -27,8 +27,11 @@ CG_NAME=nixos-nspawn-testhost
 CONTROLLERS=(memory cpu cpuacct pids)
 SUITE=bookworm
 INCLUDE=systemd,systemd-sysv,dbus,systemd-container,iproute2,e2fsprogs,util-linux,procps
+# Installed after debootstrap: its perl dependencies fail debootstrap's own configure pass.
+# Nix makes the host's Nix store (bound from the build machine) writable to the driver.
+EXTRA_PACKAGES=(nix-bin)
 # Bump when the rootfs recipe changes; the stamp mismatch forces a rebuild.
-ROOTFS_VERSION="v1 $SUITE minbase $INCLUDE"
+ROOTFS_VERSION="v1 $SUITE minbase $INCLUDE ${EXTRA_PACKAGES[*]}"
 BOOT_TIMEOUT=${NIXOS_NSPAWN_TESTHOST_BOOT_TIMEOUT:-90}
 GUEST_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -85,6 +88,12 @@ ensure_rootfs() {
 		tail -n 20 "$CACHE_DIR/debootstrap.log" >&2
 		rm -rf "$tmp"
 		die "debootstrap failed (log: $CACHE_DIR/debootstrap.log)"
+	fi
+	if ! chroot "$tmp" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		"${EXTRA_PACKAGES[@]}" >>"$CACHE_DIR/debootstrap.log" 2>&1; then
+		tail -n 20 "$CACHE_DIR/debootstrap.log" >&2
+		rm -rf "$tmp"
+		die "installing ${EXTRA_PACKAGES[*]} failed (log: $CACHE_DIR/debootstrap.log)"
 	fi
 	# Keep the image small and boot quiet: no docs, no apt lists.
 	rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*
@@ -156,8 +165,10 @@ boot() {
 	mkdir -p "$RUN_DIR"
 	rm -f "$RUN_DIR/ready"
 	cg_create
+	# The fixture closures (binary caches, export streams) are read where build.sh made them.
+	mkdir -p "$CACHE_DIR/fixtures"
 	local args=(--register=no --keep-unit -D "$ROOTFS" -b --capability=all -M "$MACHINE"
-		--bind=/nix --bind="$SHARE_DIR:$SHARE_DIR")
+		--bind=/nix --bind="$SHARE_DIR:$SHARE_DIR" --bind-ro="$CACHE_DIR/fixtures:$CACHE_DIR/fixtures")
 	local c
 	for c in "${CONTROLLERS[@]}"; do
 		# Binds directly under /sys/fs/cgroup are hidden by nspawn's /sys mount.
