@@ -127,8 +127,10 @@ func TestClosureDeliveryToOwnStore(t *testing.T) {
 		{
 			name:   "export stream",
 			plugin: func(pc *PluginConfig) { pc.AllowUnsigned = true },
-			setup:  func(t *testing.T, cfg *drivers.TaskConfig) { intoTaskDir(t, cfg, "tiny.export", "local/system.closure") },
-			task:   func(tc *TaskConfig) { tc.Export = "local/system.closure" },
+			setup: func(t *testing.T, cfg *drivers.TaskConfig) {
+				intoTaskDir(t, cfg, "tiny.export", "local/system.closure")
+			},
+			task: func(tc *TaskConfig) { tc.Export = "local/system.closure" },
 		},
 		{
 			name:   "HTTP binary cache of the task",
@@ -209,10 +211,12 @@ func TestClosureRefusalsLeaveNothing(t *testing.T) {
 			want:  "is not signed; trusted keys: nomad-driver-nixos-fixture-1",
 		},
 		{
-			name:  "unsigned export",
-			setup: func(t *testing.T, cfg *drivers.TaskConfig) { intoTaskDir(t, cfg, "tiny.export", "local/system.closure") },
-			task:  func(tc *TaskConfig) { tc.Export = "local/system.closure" },
-			want:  "export streams carry no signatures",
+			name: "unsigned export",
+			setup: func(t *testing.T, cfg *drivers.TaskConfig) {
+				intoTaskDir(t, cfg, "tiny.export", "local/system.closure")
+			},
+			task: func(tc *TaskConfig) { tc.Export = "local/system.closure" },
+			want: "export streams carry no signatures",
 		},
 		{
 			name: "tampered NAR",

@@ -382,8 +382,8 @@ func TestDestroyWithoutState(t *testing.T) {
 	_, _, err := td.StartTask(cfg)
 	must.NoError(t, err)
 	waitLog(t, cfg, "tinyinit: ready", 30*time.Second)
-	// unit, forwarder unit, machine, veth, directory
-	must.Len(t, 5, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
+	// unit, forwarder unit, machine, veth, directory, GC root
+	must.Len(t, 6, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
 
 	td.d.Shutdown()
 	td.Kill()
@@ -448,7 +448,7 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 		args                 []string
 	}{
 		{"not a store path", "/etc", `toplevel = "/etc": must be a Nix store path`, nil},
-		{"missing", "/nix/store/00000000000000000000000000000000-nixos-system-gone", "no such store path", nil},
+		{"missing", "/nix/store/00000000000000000000000000000000-nixos-system-gone", "is not in the host's Nix store and the host's Nix could not realise it", nil},
 		{"has a kernel", "", "has a kernel", nil},
 		{"a volume mount", "", "does not support volume_mount, mount or device blocks", nil},
 	} {
