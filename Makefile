@@ -78,10 +78,14 @@ clean: testhost-down
 	e2e/cluster/cluster.sh down
 	rm -rf $(BUILD)
 
-# Start-to-READY through the driver vs bare systemd-run + nspawn, and the plugin's RSS.
+# Start-to-READY through the driver vs bare systemd-run + nspawn, the closure view's cost, the
+# plugin's RSS, and closure import vs nix copy.
 bench: testhost-ready
-	@set -a; . $(FIXTURES_ENV); set +a; cd driver; \
+	@set -a; . $(FIXTURES_ENV); set +a; \
+	(cd closure && $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/closure.integration.test \
+		-test.run '^$$' -test.bench Import -test.benchtime $(or $(BENCHTIME),5x)); \
+	cd driver; \
 	$(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
-		-test.run '^$$' -test.bench StartToReady -test.benchtime $(or $(BENCHTIME),10x); \
+		-test.run '^$$' -test.bench 'StartToReady|StoreView' -test.benchtime $(or $(BENCHTIME),10x); \
 	NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.run '^$$' -test.bench PluginRSS -test.benchtime 1x

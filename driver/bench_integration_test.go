@@ -41,12 +41,25 @@ func BenchmarkStartToReady(b *testing.B) {
 		if toplevel == "" {
 			b.Fatalf("%s is not set: run benchmarks through `make bench`", fx.env)
 		}
-		b.Run(fx.name+"/driver", func(b *testing.B) { benchDriver(b, toplevel) })
+		b.Run(fx.name+"/driver", func(b *testing.B) { benchDriver(b, toplevel, storeViewClosure) })
+		b.Run(fx.name+"/driver-host-view", func(b *testing.B) { benchDriver(b, toplevel, storeViewHost) })
 		b.Run(fx.name+"/bare-systemd-run", func(b *testing.B) { benchBare(b, toplevel) })
 	}
 }
 
-func benchDriver(b *testing.B, toplevel string) {
+// Start to READY of a system with 1,002 paths in its closure, with the closure-only view (one
+// bind mount per path) and with the whole host store bound once.
+func BenchmarkStoreView(b *testing.B) {
+	wide := os.Getenv("NIXOS_NSPAWN_WIDE_TOPLEVEL")
+	if wide == "" {
+		b.Fatal("NIXOS_NSPAWN_WIDE_TOPLEVEL is not set: run benchmarks through `make bench`")
+	}
+	for _, view := range []string{storeViewClosure, storeViewHost} {
+		b.Run("wide/"+view, func(b *testing.B) { benchDriver(b, wide, view) })
+	}
+}
+
+func benchDriver(b *testing.B, toplevel, view string) {
 	d := NewDriver(hclog.NewNullLogger())
 	defer d.Shutdown()
 	var cfg []byte
@@ -58,7 +71,7 @@ func benchDriver(b *testing.B, toplevel string) {
 	must.NoError(b, err)
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
-		task := benchTask(b, toplevel, fmt.Sprintf("bench%d", i))
+		task := benchTask(b, toplevel, fmt.Sprintf("bench%d", i), view)
 		b.StartTimer()
 		_, _, err := d.StartTask(task)
 		must.NoError(b, err)
@@ -127,7 +140,7 @@ func pluginRSS(b *testing.B, binary, toplevel string, machines int) float64 {
 	}}))
 	var ids []string
 	for i := 0; i < machines; i++ {
-		task := benchTask(b, toplevel, fmt.Sprintf("rss%d", i))
+		task := benchTask(b, toplevel, fmt.Sprintf("rss%d", i), storeViewClosure)
 		_, _, err := d.StartTask(task)
 		must.NoError(b, err)
 		ids = append(ids, task.ID)
@@ -144,7 +157,7 @@ func pluginRSS(b *testing.B, binary, toplevel string, machines int) float64 {
 }
 
 // benchTask is a task with bare alloc directories and no log collection.
-func benchTask(b *testing.B, toplevel, name string) *drivers.TaskConfig {
+func benchTask(b *testing.B, toplevel, name, view string) *drivers.TaskConfig {
 	allocID := uuid.Generate()
 	allocDir := b.TempDir()
 	for _, d := range []string{"alloc/logs", name + "/local", name + "/secrets"} {
@@ -158,7 +171,7 @@ func benchTask(b *testing.B, toplevel, name string) *drivers.TaskConfig {
 			LinuxResources: &drivers.LinuxResources{},
 		},
 	}
-	must.NoError(b, cfg.EncodeConcreteDriverConfig(&TaskConfig{Toplevel: toplevel, ReadyTimeout: "60s", PrivateUsers: "pick", RebootPolicy: "exit"}))
+	must.NoError(b, cfg.EncodeConcreteDriverConfig(&TaskConfig{Toplevel: toplevel, ReadyTimeout: "60s", PrivateUsers: "pick", RebootPolicy: "exit", StoreView: view}))
 	return cfg
 }
 

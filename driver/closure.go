@@ -144,7 +144,7 @@ func (d *Driver) fetchClosure(ctx context.Context, cfg *drivers.TaskConfig, tc *
 			return
 		}
 		last = time.Now()
-		emit(fmt.Sprintf("fetching closure: %d/%d paths, %s/%s", p.Paths, p.TotalPaths, mib(p.Bytes), mib(p.TotalBytes)), nil)
+		emit(fmt.Sprintf("fetching closure: %d/%d paths, %s/%s", p.Paths, p.TotalPaths, byteSize(p.Bytes), byteSize(p.TotalBytes)), nil)
 	}
 	start := time.Now()
 	res, err := im.Import(ctx, req)
@@ -153,7 +153,7 @@ func (d *Driver) fetchClosure(ctx context.Context, cfg *drivers.TaskConfig, tc *
 	}
 	switch {
 	case res.Fetched > 0:
-		msg := fmt.Sprintf("closure fetched into the %s store: %d paths, %s in %s", store.Kind(), res.Fetched, mib(res.Bytes), time.Since(start).Round(time.Millisecond))
+		msg := fmt.Sprintf("closure fetched into the %s store: %d paths, %s in %s", store.Kind(), res.Fetched, byteSize(res.Bytes), time.Since(start).Round(time.Millisecond))
 		if len(res.SignedBy) > 0 {
 			msg += "; signature verified by " + strings.Join(res.SignedBy, ", ")
 		} else {
@@ -196,6 +196,10 @@ func closureView(dir, view string, requisites []string) (nspawn.StoreView, error
 	return v, nil
 }
 
-func mib(b uint64) string {
+// byteSize writes a size in KiB below a MiB, else in MiB.
+func byteSize(b uint64) string {
+	if b < 1<<20 {
+		return fmt.Sprintf("%.1f KiB", float64(b)/(1<<10))
+	}
 	return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
 }
