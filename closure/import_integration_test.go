@@ -536,7 +536,7 @@ func TestImportHostNixStore(t *testing.T) {
 		_ = exec.Command(nixStore, "--delete", cached).Run()
 		must.Error(t, exec.Command(nixStore, "--check-validity", cached).Run(), must.Sprint("the fixture is still in the store"))
 	}
-	for _, way := range []string{"cache", "export"} {
+	for _, way := range []string{"cache", "export", "realise"} {
 		t.Run(way, func(t *testing.T) {
 			deleteCached()
 			t.Cleanup(deleteCached)
@@ -545,9 +545,13 @@ func TestImportHostNixStore(t *testing.T) {
 			must.NoError(t, err)
 			pol := fixturePolicy(t)
 			req := Request{Toplevel: cached, Root: "alloc-1"}
-			if way == "cache" {
+			switch way {
+			case "cache":
 				req.Caches = []Source{dirCache(t, filepath.Join(closures(t), "cached-xz"))}
-			} else {
+			case "realise":
+				// No cache or export: the host's Nix realises the path from its own substituters.
+				t.Setenv("NIX_CONFIG", "substituters = file://"+filepath.Join(closures(t), "cached-xz")+"\ntrusted-public-keys = "+env(t, "NIXOS_NSPAWN_CACHE_PUBLIC_KEY"))
+			default:
 				pol.AllowUnsigned = true
 				f, err := os.Open(filepath.Join(closures(t), "cached.export"))
 				must.NoError(t, err)
@@ -557,7 +561,11 @@ func TestImportHostNixStore(t *testing.T) {
 			im := NewImporter(s, pol)
 			res, err := im.Import(context.Background(), req)
 			must.NoError(t, err)
-			must.Eq(t, 1, res.Fetched)
+			if way == "realise" {
+				must.True(t, res.Realised)
+			} else {
+				must.Eq(t, 1, res.Fetched)
+			}
 			must.NoError(t, exec.Command(nixStore, "--check-validity", cached).Run())
 			must.Eq(t, requisites(t, cached), res.Requisites)
 			// The root is indirect: Nix refuses to delete the path while it exists.
@@ -575,4 +583,31 @@ func TestImportHostNixStore(t *testing.T) {
 			}
 		})
 	}
+}
+
+// An import interrupted by the plugin's death leaves staging and perhaps a path without its
+// metadata; neither counts as valid, and the next store open and import clean them up.
+func TestInterruptedImportIsNotValid(t *testing.T) {
+	tiny := env(t, "NIXOS_NSPAWN_TINY_TOPLEVEL")
+	dir := filepath.Join(t.TempDir(), "store")
+	s, err := NewOwnStore(dir)
+	must.NoError(t, err)
+	staging := filepath.Join(s.tempDir(), "import-1", filepath.Base(tiny))
+	must.NoError(t, os.MkdirAll(staging, 0o755))
+	half := filepath.Join(dir, filepath.Base(tiny))
+	must.NoError(t, os.MkdirAll(half, 0o755))
+
+	s, err = NewOwnStore(dir)
+	must.NoError(t, err)
+	_, err = os.Stat(s.tempDir())
+	must.True(t, os.IsNotExist(err), must.Sprint("staging of the interrupted import is gone"))
+	missing, err := s.Missing(context.Background(), []string{tiny})
+	must.NoError(t, err)
+	must.True(t, missing[tiny], must.Sprint("a path without metadata is not valid"))
+
+	_, err = NewImporter(s, fixturePolicy(t)).Import(context.Background(), Request{
+		Toplevel: tiny, Caches: []Source{dirCache(t, filepath.Join(closures(t), "tiny-xz"))},
+	})
+	must.NoError(t, err)
+	must.NoError(t, CheckToplevel(dir, tiny))
 }

@@ -116,23 +116,18 @@ func (im *Importer) Import(ctx context.Context, req Request) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	if len(want) == 0 && req.Caches == nil && req.Export == nil {
-		missing, err := im.store.Missing(ctx, []string{req.Toplevel})
-		if err != nil {
-			return nil, err
+	// A nil plan is a missing toplevel with no source to fetch it from.
+	if want == nil {
+		r, ok := im.store.(interface {
+			Realise(context.Context, string) error
+		})
+		if !ok {
+			return nil, fmt.Errorf("toplevel %s is not in the driver's store, and the task names no binary_cache, export or substituters to fetch it from", req.Toplevel)
 		}
-		if missing[req.Toplevel] {
-			r, ok := im.store.(interface {
-				Realise(context.Context, string) error
-			})
-			if !ok {
-				return nil, fmt.Errorf("toplevel %s is not in the driver's store, and the task names no binary_cache, export or substituters to fetch it from", req.Toplevel)
-			}
-			if err := r.Realise(ctx, req.Toplevel); err != nil {
-				return nil, fmt.Errorf("toplevel %s is not in the host's Nix store and the host's Nix could not realise it: %w", req.Toplevel, err)
-			}
-			res.Realised = true
+		if err := r.Realise(ctx, req.Toplevel); err != nil {
+			return nil, fmt.Errorf("toplevel %s is not in the host's Nix store and the host's Nix could not realise it: %w", req.Toplevel, err)
 		}
+		res.Realised = true
 	}
 	if err := im.fetch(ctx, req, want, res); err != nil {
 		return nil, err
@@ -155,7 +150,8 @@ func (im *Importer) Import(ctx context.Context, req Request) (*Result, error) {
 }
 
 // plan finds the missing paths of the closure and where each comes from: it walks the
-// references from the toplevel, stopping at valid paths (whose closures are valid).
+// references from the toplevel, stopping at valid paths (whose closures are valid). It returns
+// nil, and no error, when paths are missing and the request names no source at all.
 func (im *Importer) plan(ctx context.Context, req Request) (map[string]*candidate, error) {
 	var exported map[string]*exportEntry
 	if req.Export != nil {

@@ -402,10 +402,13 @@ func TestFingerprint(t *testing.T) {
 		td := newTestDriver(t, "")
 		fp := firstFingerprint(t, td)
 		must.Eq(t, drivers.HealthStateHealthy, fp.Health, must.Sprint(fp.HealthDescription))
-		for _, attr := range []string{"version", "systemd_version", "cgroup_mode", "machined", "networkd", "ip_forward"} {
+		for _, attr := range []string{"version", "systemd_version", "cgroup_mode", "machined", "networkd", "ip_forward", "store", "nix_version"} {
 			_, ok := fp.Attributes[attrPrefix+attr]
 			must.True(t, ok, must.Sprintf("missing attribute %s", attr))
 		}
+		// The test host has Nix and a writable /nix/store, so "auto" takes the host's store.
+		store, _ := fp.Attributes[attrPrefix+"store"].GetString()
+		must.EqOp(t, "host", store)
 		// The test host runs no systemd-networkd: healthy, with the warning.
 		state, _ := exec.Command("systemctl", "is-active", "systemd-networkd.service").Output()
 		must.Eq(t, "inactive\n", string(state))

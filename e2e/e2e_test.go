@@ -23,7 +23,7 @@ func systemd(t *testing.T) string { return env(t, "NIXOS_NSPAWN_SYSTEMD_TOPLEVEL
 
 func TestNodeFingerprint(t *testing.T) {
 	out := nomad(t, "node", "status", "-self", "-verbose")
-	for _, attr := range []string{"driver.nixos-nspawn.version", "driver.nixos-nspawn.systemd_version", "driver.nixos-nspawn.cgroup_mode", "driver.nixos-nspawn.machined"} {
+	for _, attr := range []string{"driver.nixos-nspawn.version", "driver.nixos-nspawn.systemd_version", "driver.nixos-nspawn.cgroup_mode", "driver.nixos-nspawn.machined", "driver.nixos-nspawn.store", "driver.nixos-nspawn.nix_version"} {
 		must.StrContains(t, out, attr)
 	}
 	healthy := false

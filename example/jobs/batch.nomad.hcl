@@ -13,7 +13,8 @@
 #   nomad job run -var "toplevel=$toplevel" example/jobs/batch.nomad.hcl
 #   nomad job run -var "toplevel=$toplevel" -var exit_code=3 example/jobs/batch.nomad.hcl   # a failing run
 # (or push it to a binary cache the client uses and run `nix-store --realise "$toplevel"`
-# there). The driver adds no GC root: see example/README.md.
+# there). The driver roots the closure while the allocation runs. To ship the closure with
+# the job instead, see web-artifact.nomad.hcl.
 
 variable "toplevel" {
   type        = string

@@ -10,7 +10,8 @@
 #   nix copy --to ssh://root@client "$toplevel"
 #   nomad job run -var "toplevel=$toplevel" example/jobs/web.nomad.hcl
 # (or push it to a binary cache the client uses and run `nix-store --realise "$toplevel"`
-# there). The driver adds no GC root: see example/README.md.
+# there). The driver roots the closure while the allocation runs. To ship the closure with
+# the job instead, see web-artifact.nomad.hcl.
 
 variable "toplevel" {
   type        = string
