@@ -525,3 +525,13 @@ func TestCyclesLeaveNothing(t *testing.T) {
 		wait.Timeout(10*time.Second), wait.Gap(200*time.Millisecond),
 	), must.Sprintf("left behind: %v", leftovers(t, dataDir, before)))
 }
+
+// journalctl's JSON drops fields over 4 KiB unless told otherwise: long console lines must arrive.
+func TestLongConsoleLine(t *testing.T) {
+	td := newTestDriver(t, "")
+	long := strings.Repeat("0123456789", 1000)
+	cfg := td.newTask(t, "long", tinyToplevel(t), []string{"print=" + long, "exit=0"})
+	td.start(t, cfg)
+	td.waitExit(t, cfg.ID, 30*time.Second)
+	waitLog(t, cfg, long, 10*time.Second)
+}

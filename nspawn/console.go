@@ -164,7 +164,8 @@ func (c *Console) forward(ctx context.Context, w *fifoWriter, follow bool) error
 		return fmt.Errorf("console cursor of %s: %w", c.Unit, err)
 	}
 	cursor := strings.TrimSpace(string(b))
-	args := []string{"--output=json", "--no-pager", "--quiet", "_SYSTEMD_UNIT=" + c.Unit}
+	// --all: without it journalctl's JSON gives fields over 4 KiB as null, losing long lines.
+	args := []string{"--output=json", "--all", "--no-pager", "--quiet", "_SYSTEMD_UNIT=" + c.Unit}
 	if follow {
 		args = append(args, "--follow")
 	}
