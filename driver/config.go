@@ -45,6 +45,8 @@ var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"substituters":        hclspec.NewAttr("substituters", "list(string)", false),
 	"allow_unsigned":      hclspec.NewDefault(hclspec.NewAttr("allow_unsigned", "bool", false), hclspec.NewLiteral("false")),
 	"gc_grace":            hclspec.NewDefault(hclspec.NewAttr("gc_grace", "string", false), hclspec.NewLiteral(strconv.Quote(defaultGCGrace))),
+	"address_pool":        hclspec.NewDefault(hclspec.NewAttr("address_pool", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPool))),
+	"address_pool_ipv6":   hclspec.NewDefault(hclspec.NewAttr("address_pool_ipv6", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPoolIPv6))),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -59,6 +61,7 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"export":        hclspec.NewAttr("export", "string", false),
 	"substituters":  hclspec.NewAttr("substituters", "list(string)", false),
 	"store_view":    hclspec.NewDefault(hclspec.NewAttr("store_view", "string", false), hclspec.NewLiteral(`"closure"`)),
+	"ports":         hclspec.NewAttr("ports", "list(string)", false),
 })
 
 // PluginConfig is the plugin block of the Nomad agent configuration.
@@ -85,8 +88,14 @@ type PluginConfig struct {
 	// GCGrace is how long the driver's own store keeps a closure no allocation uses.
 	GCGrace string `codec:"gc_grace"`
 
+	// AddressPool and AddressPoolIPv6 are where veth machines' addresses come from; each
+	// machine takes a block of four (host, guest). Empty turns a family off.
+	AddressPool     string `codec:"address_pool"`
+	AddressPoolIPv6 string `codec:"address_pool_ipv6"`
+
 	gcGrace time.Duration
 	keys    closure.TrustedKeys
+	pools   pools
 }
 
 // TaskConfig is the config block of a task.
@@ -105,6 +114,8 @@ type TaskConfig struct {
 	Substituters []string `codec:"substituters"`
 	// StoreView is "closure" (only the closure's paths in /nix/store) or "host" (the whole host store).
 	StoreView string `codec:"store_view"`
+	// Ports are labels of the group's network ports, forwarded from the host into the machine.
+	Ports []string `codec:"ports"`
 }
 
 // ifName is what Linux accepts as an interface name, without the characters ip(8) treats specially.
@@ -145,6 +156,9 @@ func (c *PluginConfig) validate() error {
 	}
 	if c.gcGrace, err = time.ParseDuration(c.GCGrace); err != nil || c.gcGrace < 0 {
 		return fmt.Errorf("gc_grace = %q: must be a duration such as \"1h\" or \"0s\"", c.GCGrace)
+	}
+	if c.pools, err = parsePools(c.AddressPool, c.AddressPoolIPv6); err != nil {
+		return err
 	}
 	for _, t := range []struct {
 		field, name string
@@ -239,6 +253,11 @@ func (c *TaskConfig) options() (taskOptions, error) {
 	for i, u := range c.Substituters {
 		if _, err := closure.ParseCacheURL(u); err != nil {
 			return o, fmt.Errorf("substituters[%d] = %w", i, err)
+		}
+	}
+	for i, l := range c.Ports {
+		if l == "" || strings.ContainsAny(l, " \x00\n") {
+			return o, fmt.Errorf("ports[%d] = %q: must be the label of a port of the group's network block", i, l)
 		}
 	}
 	switch c.StoreView {

@@ -29,6 +29,7 @@ func validPluginConfig() PluginConfig {
 		JournalctlPath: "/run/current-system/sw/bin/journalctl",
 		Slice:          "machine.slice",
 		TasksMax:       16384,
+		AddressPool:    "10.235.0.0/16",
 	}
 }
 
@@ -72,6 +73,11 @@ func TestPluginConfigValidate_Errors(t *testing.T) {
 		{"substituter without scheme", func(c *PluginConfig) { c.Substituters = []string{"cache.example.org"} }, "substituters[0]", `"cache.example.org"`},
 		{"gc_grace not a duration", func(c *PluginConfig) { c.GCGrace = "1 day" }, "gc_grace", `"1 day"`},
 		{"gc_grace negative", func(c *PluginConfig) { c.GCGrace = "-1h" }, "gc_grace", `"-1h"`},
+		{"address_pool not a network", func(c *PluginConfig) { c.AddressPool = "10.235.0.1" }, "address_pool", `"10.235.0.1"`},
+		{"address_pool with host bits", func(c *PluginConfig) { c.AddressPool = "10.235.0.1/16" }, "address_pool", `"10.235.0.1/16"`},
+		{"address_pool too small", func(c *PluginConfig) { c.AddressPool = "10.235.0.0/30" }, "address_pool", `"10.235.0.0/30"`},
+		{"address_pool IPv6", func(c *PluginConfig) { c.AddressPool = "fd00::/64" }, "address_pool", `"fd00::/64"`},
+		{"address_pool_ipv6 IPv4", func(c *PluginConfig) { c.AddressPoolIPv6 = "10.0.0.0/8" }, "address_pool_ipv6", `"10.0.0.0/8"`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -247,6 +253,7 @@ func TestTaskConfigOptions_Errors(t *testing.T) {
 		{"substituter not http", func(c *TaskConfig) { c.Substituters = []string{"file:///srv/cache"} }, "substituters[0]", `"file:///srv/cache"`},
 		{"substituter with user", func(c *TaskConfig) { c.Substituters = []string{"https://a:b@cache"} }, "substituters[0]", `"https://a:b@cache"`},
 		{"store_view all", func(c *TaskConfig) { c.StoreView = "all" }, "store_view", `"all"`},
+		{"empty port label", func(c *TaskConfig) { c.Ports = []string{"http", ""} }, "ports[1]", `""`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -332,8 +339,10 @@ func TestPluginConfigSchema_Defaults(t *testing.T) {
 		DataDir:  "/var/lib/nomad-driver-nixos",
 		Slice:    "machine.slice",
 		TasksMax: 16384,
-		Store:    "auto",
-		GCGrace:  "1h",
+		Store:           "auto",
+		GCGrace:         "1h",
+		AddressPool:     "10.235.0.0/16",
+		AddressPoolIPv6: "fd35:6e78:6f73::/48",
 	}, pc)
 	must.NoError(t, pc.validate())
 }
@@ -371,6 +380,8 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
 		Substituters:      []string{"https://cache.example.org"},
 		AllowUnsigned:     true,
 		GCGrace:           "10m",
+		AddressPool:       "10.235.0.0/16",
+		AddressPoolIPv6:   "fd35:6e78:6f73::/48",
 	}, pc)
 	must.NoError(t, pc.validate())
 	must.EqOp(t, 10*time.Minute, pc.gcGrace)

@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -83,6 +84,11 @@ type Driver struct {
 	compute cpustats.Compute
 	cgroups nspawn.Cgroups
 	imp     *closure.Importer
+
+	// addrMu serialises address allocation.
+	addrMu sync.Mutex
+	// reconciled makes the first enabled config clean up after machines that are gone.
+	reconciled sync.Once
 }
 
 // NewDriver returns a driver that is configured later through SetConfig.
@@ -130,12 +136,16 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 		go d.collectGarbage(imp, c.gcGrace)
 	}
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	d.config = c
 	d.cgroups = cg
 	d.imp = imp
 	if cfg.AgentConfig != nil {
 		d.compute = cfg.AgentConfig.Compute()
+	}
+	d.mu.Unlock()
+	if c.Enabled {
+		// Before any task starts, so no link of a machine being started is taken for a leftover.
+		d.reconciled.Do(func() { d.reconcileNetwork(d.ctx) })
 	}
 	return nil
 }
@@ -210,8 +220,9 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	// Fetching a closure takes as long as it takes; only the start below is bounded.
 	view, err := d.fetchClosure(d.ctx, cfg, &tc, opts, machine)
 	var handle *drivers.TaskHandle
+	var network *drivers.DriverNetwork
 	if err == nil {
-		handle, err = d.start(cfg, tc, opts, view, pc)
+		handle, network, err = d.start(cfg, tc, opts, view, pc)
 	}
 	if err != nil {
 		if cerr := d.removeMachine(context.Background(), machine, cfg.AllocID); cerr != nil {
@@ -219,21 +230,37 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		}
 		return nil, nil, err
 	}
-	return handle, nil, nil
+	return handle, network, nil
 }
 
-// start launches the machine of a task whose closure is in place and starts following it.
-func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions, view nspawn.StoreView, pc PluginConfig) (*drivers.TaskHandle, error) {
+// start launches the machine of a task whose closure is in place and starts following it. In
+// veth mode it returns the machine's network: the driver chose its address, so it is known now.
+func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions, view nspawn.StoreView, pc PluginConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
 	spec, err := d.machineSpec(cfg, &tc, opts, view)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
+	}
+	var link *machineLink
+	var network *drivers.DriverNetwork
+	if spec.Network.Veth != nil {
+		addr, err := d.allocateAddress(spec.Machine, pc.pools)
+		if err != nil {
+			return nil, nil, err
+		}
+		fwds, portMap, err := forwards(cfg, tc.Ports, addr)
+		if err != nil {
+			return nil, nil, err
+		}
+		spec.Network.Veth.Addr = addr
+		link = &machineLink{veth: *spec.Network.Veth, forwards: fwds, pools: pc.pools.list()}
+		network = driverNetwork(addr, portMap)
 	}
 	machineDir := filepath.Dir(spec.Root)
 	ctx, cancel := context.WithTimeout(d.ctx, registerTimeout+time.Minute)
 	defer cancel()
-	st, err := d.launch(ctx, cfg, spec, pc)
+	st, err := d.launch(ctx, cfg, spec, pc, link)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 
 	state := TaskState{
@@ -247,17 +274,47 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 	handle := drivers.NewTaskHandle(taskHandleVersion)
 	handle.Config = cfg
 	if err := handle.SetDriverState(&state); err != nil {
-		return nil, fmt.Errorf("saving task state: %w", err)
+		return nil, nil, fmt.Errorf("saving task state: %w", err)
 	}
 	d.track(cfg, state, opts.readyTimeout, false)
-	return handle, nil
+	if link != nil {
+		d.emitter(cfg)(link.describe(), nil)
+	}
+	return handle, network, nil
+}
+
+// machineLink is the driver-made network of a veth machine.
+type machineLink struct {
+	veth     nspawn.Veth
+	forwards []nspawn.Forward
+	pools    []netip.Prefix
+}
+
+func (l *machineLink) describe() string {
+	var addrs []string
+	for _, p := range []netip.Prefix{l.veth.Addr.GuestIPv4, l.veth.Addr.GuestIPv6} {
+		if p.IsValid() {
+			addrs = append(addrs, p.Addr().String())
+		}
+	}
+	return fmt.Sprintf("machine address %s on %s (host side %s)", strings.Join(addrs, ", "), nspawn.GuestInterface, l.veth.Host)
 }
 
 // launch prepares the root and starts the unit, returning once machined registered the machine or
 // the machine already ended (a guest may finish in milliseconds; its exit is reported by WaitTask).
-func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspawn.Spec, pc PluginConfig) (nspawn.UnitStatus, error) {
+func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspawn.Spec, pc PluginConfig, link *machineLink) (nspawn.UnitStatus, error) {
 	if err := nspawn.PrepareRoot(spec.Root); err != nil {
 		return nspawn.UnitStatus{}, err
+	}
+	if err := os.WriteFile(filepath.Join(spec.Root, "etc", "resolv.conf"), resolvConf(cfg.DNS, spec.Network.Mode), 0o644); err != nil {
+		return nspawn.UnitStatus{}, fmt.Errorf("writing the machine's resolv.conf: %w", err)
+	}
+	if link != nil {
+		if len(link.forwards) > 0 {
+			if err := nspawn.AddForwards(spec.Machine, link.pools, link.forwards); err != nil {
+				return nspawn.UnitStatus{}, err
+			}
+		}
 	}
 	if err := nspawn.PrepareStoreView(spec.Store); err != nil {
 		return nspawn.UnitStatus{}, fmt.Errorf("preparing the machine's /nix/store: %w", err)
@@ -299,6 +356,24 @@ func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspa
 			return st, nil
 		}
 		if ok, _ := d.mgr.Registered(spec.Machine); ok && st.InvocationID != "" {
+			if link == nil {
+				return st, nil
+			}
+			// nspawn made the pair before registering the machine.
+			leader, err := d.mgr.Leader(spec.Machine)
+			if err == nil {
+				err = link.veth.ConfigureHost()
+			}
+			if err == nil {
+				err = link.veth.ConfigureGuest(leader)
+			}
+			if err != nil {
+				// A machine that ended in the meantime is reported by WaitTask, not here.
+				if now, serr := d.mgr.Status(ctx, spec.Unit()); serr == nil && !now.Running() {
+					return now, nil
+				}
+				return st, fmt.Errorf("configuring the network of machine %s: %w", spec.Machine, err)
+			}
 			return st, nil
 		}
 		if time.Now().After(deadline) {
@@ -509,6 +584,12 @@ func (d *Driver) removeMachine(ctx context.Context, machine, allocID string) err
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("removing %s: %w", dir, err)
+	}
+	if err := nspawn.DeleteVeth(nspawn.NewVeth(machine, nspawn.Addressing{}).Host); err != nil {
+		return fmt.Errorf("removing the veth link of machine %s: %w", machine, err)
+	}
+	if err := nspawn.RemoveForwards(machine); err != nil {
+		return fmt.Errorf("removing the port forwards of machine %s: %w", machine, err)
 	}
 	if im := d.importer(); im != nil {
 		if err := im.RemoveRoot(ctx, machine); err != nil {

@@ -513,7 +513,7 @@ func TestCyclesLeaveNothing(t *testing.T) {
 	td := newTestDriver(t, dataDir)
 	before := inventory(t, dataDir)
 	for i := 0; i < 20; i++ {
-		cfg := td.newTask(t, fmt.Sprintf("cycle%d", i), tinyToplevel(t), nil)
+		cfg := td.newTask(t, fmt.Sprintf("cycle%d", i), tinyToplevel(t), nil, withPorts(map[string][2]int{"http": {freePort(t), 80}}))
 		td.start(t, cfg)
 		must.NoError(t, td.StopTask(cfg.ID, 10*time.Second, ""))
 		res := td.waitExit(t, cfg.ID, 30*time.Second)

@@ -106,16 +106,14 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 	return fp
 }
 
-// networkWarnings reports what keeps veth machines from getting an address: the guest asks the
-// host's systemd-networkd by DHCP, and reaching further needs IP forwarding.
+// networkWarnings reports what keeps veth machines from reaching beyond the host: IP
+// forwarding. Their addresses come from the driver, so they need no DHCP server on the host;
+// whether systemd-networkd runs is reported for guests on a host_bridge that want one.
 func (d *Driver) networkWarnings(ctx context.Context, fp *drivers.Fingerprint) []string {
 	var warnings []string
 	networkd, err := d.mgr.Status(ctx, "systemd-networkd.service")
 	running := err == nil && networkd.ActiveState == "active"
 	fp.Attributes[attrPrefix+"networkd"] = structs.NewBoolAttribute(running)
-	if !running {
-		warnings = append(warnings, "systemd-networkd is not running, so veth machines get no address")
-	}
 	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
 	forwarding := err == nil && strings.TrimSpace(string(b)) == "1"
 	fp.Attributes[attrPrefix+"ip_forward"] = structs.NewBoolAttribute(forwarding)

@@ -106,6 +106,18 @@ func withMemory(mb int64) taskOpt {
 	}
 }
 
+// withPorts gives the allocation ports (label → host port, guest port) and forwards them.
+func withPorts(ports map[string][2]int) taskOpt {
+	return func(c *drivers.TaskConfig, tc *TaskConfig) {
+		var alloc structs.AllocatedPorts
+		for label, p := range ports {
+			alloc = append(alloc, structs.AllocatedPortMapping{Label: label, Value: p[0], To: p[1]})
+			tc.Ports = append(tc.Ports, label)
+		}
+		c.Resources.Ports = &alloc
+	}
+}
+
 func withReadyTimeout(d string) taskOpt {
 	return func(_ *drivers.TaskConfig, tc *TaskConfig) { tc.ReadyTimeout = d }
 }
@@ -237,7 +249,7 @@ func inventory(t *testing.T, dataDir string) []string {
 		}
 	}
 	for _, line := range strings.Split(run(t, "ip", "-o", "link"), "\n") {
-		if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], "ve-nomad") {
+		if f := strings.Fields(line); len(f) > 1 && (strings.HasPrefix(f[1], "ve-nomad") || strings.HasPrefix(f[1], "vn-") || strings.HasPrefix(f[1], "vg-")) {
 			out = append(out, "link "+f[1])
 		}
 	}
@@ -251,6 +263,11 @@ func inventory(t *testing.T, dataDir string) []string {
 	entries, _ := os.ReadDir(filepath.Join(dataDir, "machines"))
 	for _, e := range entries {
 		out = append(out, "dir "+e.Name())
+	}
+	forwarded, err := nspawn.ForwardedMachines()
+	must.NoError(t, err)
+	for m := range forwarded {
+		out = append(out, "port forwards of "+m)
 	}
 	// GC roots (the host's Nix store's and the driver's own) and import staging.
 	for _, d := range []string{"gcroots", "tmp", "store/.roots", "store/.tmp"} {

@@ -6,9 +6,7 @@ package driver
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 
@@ -50,7 +48,7 @@ func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOpti
 		Resources:     resources(cfg.Resources, pc.TasksMax),
 		Store:         store,
 	}
-	if s.Network, err = machineNetwork(cfg, tc, o, pc); err != nil {
+	if s.Network, err = machineNetwork(cfg, tc, o, pc, machine); err != nil {
 		return nil, err
 	}
 	if dir := cfg.TaskDir(); dir != nil {
@@ -69,25 +67,6 @@ func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOpti
 	return s, nil
 }
 
-// machineNetwork decides how the machine is connected.
-func machineNetwork(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions, pc PluginConfig) (nspawn.Network, error) {
-	n := nspawn.Network{Mode: o.networkMode, Bridge: tc.HostBridge}
-	// Machines always run in a user namespace, and systemd-nspawn (verified with 252) cannot
-	// join a network namespace owned by the host's from there ("Failed to join network
-	// namespace: Operation not permitted"). Turning user namespaces off is not an option.
-	if iso := cfg.NetworkIsolation; iso != nil && iso.Mode == drivers.NetIsolationModeGroup {
-		return n, errors.New(`the task group's network namespace (network { mode = "bridge" }) cannot be joined: machines run in a user namespace, from which systemd-nspawn cannot join a namespace of the host's; use network_mode in the task config instead`)
-	}
-	if n.Mode == nspawn.NetworkHost && !pc.AllowHostNetwork {
-		return n, fmt.Errorf("network_mode = %q: the plugin config does not allow tasks on the host's network (allow_host_network = false)", n.Mode)
-	}
-	if n.Bridge != "" {
-		if fi, err := os.Stat(filepath.Join("/sys/class/net", n.Bridge, "bridge")); err != nil || !fi.IsDir() {
-			return n, fmt.Errorf("host_bridge = %q: no bridge of that name on this host", n.Bridge)
-		}
-	}
-	return n, nil
-}
 
 // guestEnv is the task environment PID 1 gets, without names systemd rejects or gives a meaning.
 func guestEnv(env map[string]string) map[string]string {

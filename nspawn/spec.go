@@ -117,8 +117,11 @@ const (
 // Network says how the machine is connected.
 type Network struct {
 	Mode string
-	// Bridge, in veth mode, is an existing host bridge the host side of the veth joins.
+	// Bridge, in veth mode, is an existing host bridge the host side of nspawn's veth joins.
 	Bridge string
+	// Veth, in veth mode, is the pair with the driver's names and addresses (see Veth); without
+	// it nspawn makes its own (ve-*, host0).
+	Veth *Veth
 }
 
 func (n Network) args() []string {
@@ -129,6 +132,8 @@ func (n Network) args() []string {
 		return []string{"--private-network"}
 	case n.Bridge != "":
 		return []string{"--network-bridge=" + n.Bridge}
+	case n.Veth != nil:
+		return []string{n.Veth.NspawnArg()}
 	}
 	return []string{"--network-veth"}
 }
