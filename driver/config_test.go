@@ -335,10 +335,10 @@ func TestPluginConfigSchema_Defaults(t *testing.T) {
 	var pc PluginConfig
 	hclutils.NewConfigParser(pluginConfigSpec).ParseHCL(t, "config {\n}", &pc)
 	must.Eq(t, PluginConfig{
-		Enabled:  true,
-		DataDir:  "/var/lib/nomad-driver-nixos",
-		Slice:    "machine.slice",
-		TasksMax: 16384,
+		Enabled:         true,
+		DataDir:         "/var/lib/nomad-driver-nixos",
+		Slice:           "machine.slice",
+		TasksMax:        16384,
 		Store:           "auto",
 		GCGrace:         "1h",
 		AddressPool:     "10.235.0.0/16",

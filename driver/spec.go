@@ -67,7 +67,6 @@ func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOpti
 	return s, nil
 }
 
-
 // guestEnv is the task environment PID 1 gets, without names systemd rejects or gives a meaning.
 func guestEnv(env map[string]string) map[string]string {
 	out := make(map[string]string, len(env))
