@@ -165,7 +165,7 @@ func TestClusterSpread(t *testing.T) {
 			waitOutput(t, 30*time.Second, "gone", func() string {
 				left := clusterMachines(t, node)
 				units := strings.TrimSpace(clusterHost(t, node, "sh", "-c", "systemctl list-units --all --no-legend --plain 'nomad-*' | grep -v '^nomad-cluster-agent' || true"))
-				links := strings.TrimSpace(clusterHost(t, node, "sh", "-c", "ip -o link | grep -o 've-nomad[^:@]*' || true"))
+				links := strings.TrimSpace(clusterHost(t, node, "sh", "-c", "ip -o link | grep -oE 've-nomad[^:@]*|vn-[^:@]*' || true"))
 				if len(left) == 0 && units == "" && links == "" {
 					return "gone"
 				}

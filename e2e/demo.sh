@@ -70,10 +70,13 @@ up() {
 	"$NOMAD" alloc status -stats "$alloc"
 	say "nomad alloc logs $alloc web   (the machine's console, last lines)"
 	"$NOMAD" alloc logs "$alloc" web | tail -n 15
-	say "The guest's web service answers (asked from inside the machine with nomad alloc exec)"
-	local bb
-	bb=$(grep -o '/nix/store/[^ ]*-busybox' "$NIXOS_NSPAWN_SYSTEMD_TOPLEVEL/units/web.service" | head -n1)
-	"$NOMAD" alloc exec -i=false -t=false -task web "$alloc" "$bb/bin/busybox" wget -qO- http://127.0.0.1:8080/
+	local addr port
+	addr=$("$NOMAD" service info -t '{{range .}}{{.Address}}:{{.Port}}{{end}}' nixos-demo-web)
+	say "The guest's web service answers on the machine's address, as Nomad registered it: $addr"
+	http_get "${addr%:*}" "${addr##*:}"
+	port=$("$NOMAD" alloc status -t '{{range .AllocatedResources.Shared.Ports}}{{.Value}}{{end}}' "$alloc")
+	say "... and on the host's port $port (the group's \"http\" port, forwarded by the driver): 127.0.0.1:$port"
+	http_get 127.0.0.1 "$port"
 	say "On the host: machinectl list"
 	inhost machinectl list
 
@@ -88,6 +91,16 @@ up() {
 		  Nomad UI: $NOMAD_ADDR/ui/allocations/$alloc
 		Tear it all down with: make demo-stop
 	EOF
+}
+
+# http_get HOST PORT prints the body of GET / (bash's /dev/tcp: no curl needed). The build
+# machine shares the test host's network, so the machine's address is reachable from here.
+http_get() {
+	local fd
+	exec {fd}<>"/dev/tcp/$1/$2"
+	printf 'GET / HTTP/1.0\r\nHost: %s\r\n\r\n' "$1" >&"$fd"
+	sed '1,/^\r$/d' <&"$fd"
+	exec {fd}>&-
 }
 
 down() {

@@ -24,7 +24,7 @@ func TestPurgeLeavesNothing(t *testing.T) {
 	waitOutput(t, 2*time.Minute, "clean", func() string {
 		left := machinesOnHost(t)
 		units := strings.TrimSpace(host(t, "sh", "-c", "systemctl list-units --all --no-legend --plain 'nomad-*' | grep -v '^nomad-e2e-agent' || true"))
-		links := strings.TrimSpace(host(t, "sh", "-c", "ip -o link | grep -o 've-nomad[^:@]*' || true"))
+		links := strings.TrimSpace(host(t, "sh", "-c", "ip -o link | grep -oE 've-nomad[^:@]*|vn-[^:@]*' || true"))
 		roots := strings.TrimSpace(host(t, "sh", "-c", "ls /var/lib/nomad-driver-nixos/machines /var/lib/nomad-driver-nixos/gcroots /var/lib/nomad-driver-nixos/tmp 2>/dev/null | grep -v '^/\\|^$' || true"))
 		if len(left) == 0 && units == "" && links == "" && roots == "" {
 			return "clean"

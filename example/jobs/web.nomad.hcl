@@ -22,12 +22,19 @@ job "web" {
   type = "service"
 
   group "web" {
+    network {
+      port "http" {
+        to = 80
+      }
+    }
+
     task "web" {
       driver = "nixos-nspawn"
 
       config {
         toplevel      = var.toplevel
         ready_timeout = "2m"
+        ports         = ["http"]
       }
 
       # Room for the guest's orderly shutdown (systemd stops nginx and the
@@ -40,12 +47,10 @@ job "web" {
         memory = 256
       }
 
-      # nginx listens on port 80 of the machine's own address (its veth link).
-      # That address only reaches Nomad once the driver reports it (the
-      # networking work, not done yet): until then Nomad logs
-      #   cannot use address_mode="driver": no driver network exists
-      # and registers nothing, while the task itself runs. Meanwhile, on the
-      # client: machinectl status nomad-<alloc>-web shows the address.
+      # nginx listens on port 80 of the machine's own address, which the
+      # driver assigns and reports to Nomad: address_mode = "driver"
+      # registers that address. The "http" port of the group is also
+      # forwarded from every address of the client to the machine's port 80.
       service {
         name         = "web"
         provider     = "nomad"

@@ -101,27 +101,20 @@ in
       MaxLevelConsole=${cfg.consoleLogLevel}
     '';
 
-    # The driver gives every machine a veth link (host0 inside); the host's
-    # networkd runs a DHCP server on its end (80-container-ve.network).
-    networking.useNetworkd = true;
-    networking.useDHCP = lib.mkDefault false;
-    # Named like systemd's stock file so that it replaces it, whether or not
-    # this networkd reads the stock one.
-    systemd.network.networks."80-container-host0" = {
-      matchConfig.Name = "host0";
-      networkConfig.DHCP = "yes";
-    };
-    # A guest without DHCP should not sit out networkd's default 120 s wait
-    # when something pulls in network-online.target: the driver's default
-    # ready_timeout is 2m.
-    systemd.network.wait-online.timeout = lib.mkDefault 30;
+    # With network_mode = "veth" the driver configures the machine's link
+    # itself: eth0 gets an address of its pools (IPv4 and IPv6) and default
+    # routes through the host before the guest's services start, the way
+    # NixOS containers get hostAddress/localAddress. Nothing in the guest may
+    # run DHCP on it or flush it.
+    networking.useNetworkd = lib.mkDefault false;
+    networking.useDHCP = false;
+    networking.dhcpcd.enable = false;
 
-    # The container profile defaults to the host's resolv.conf, which this
-    # driver does not provide (--resolv-conf=off), and systemd-resolved (on
-    # with networkd) refuses it. DNS comes with the DHCP lease instead.
-    networking.useHostResolvConf = false;
+    # The driver seeds /etc/resolv.conf (Nomad's dns block, or the host's
+    # resolvers); the container profile's default hands it to resolvconf.
+    networking.useHostResolvConf = lib.mkDefault true;
 
-    # Only one link, host0, carries the default route: reverse-path filtering
+    # Only one link, eth0, carries the default route: reverse-path filtering
     # has nothing to check, and a container may not get the kernel modules it
     # needs loaded.
     networking.firewall.checkReversePath = lib.mkDefault false;

@@ -9,7 +9,6 @@
 let
   cfg = config.services.nomad-driver-nixos;
   json = pkgs.formats.json { };
-  nftables = config.networking.nftables.enable;
 in
 {
   options.services.nomad-driver-nixos = {
@@ -83,31 +82,14 @@ in
       };
     };
 
-    # Host end of each machine's veth (ve-<machine>): networkd's stock
-    # 80-container-ve.network gives it an address, a DHCP server for the
-    # guest and masquerading. NixOS reads that stock file once networkd runs.
-    systemd.network.enable = true;
-    # With scripted networking networkd manages no link at boot, and its
-    # wait-online would hold network-online.target (and Nomad) for 2 minutes.
-    systemd.network.wait-online.enable = lib.mkIf (!config.networking.useNetworkd) (lib.mkDefault false);
-    # Other network managers must leave the ve-* links to networkd.
-    networking.dhcpcd.denyInterfaces = [ "ve-*" ];
-    networking.networkmanager.unmanaged = [ "interface-name:ve-*" ];
-
-    # The guests' DHCP requests (UDP 67) must get through the host firewall,
-    # which drops them by default. Nothing else on the host is opened to them.
-    networking.firewall = lib.mkMerge [
-      (lib.mkIf (!nftables) {
-        # iptables: "+" is its interface wildcard.
-        interfaces."ve-+".allowedUDPPorts = [ 67 ];
-      })
-      (lib.mkIf nftables {
-        # The nftables firewall writes interface names unquoted; a quoted
-        # "ve-*" is nft's wildcard.
-        extraInputRules = ''
-          iifname "ve-*" udp dport 67 accept comment "DHCP from nixos-nspawn machines"
-        '';
-      })
-    ];
+    # The driver addresses each machine's veth link itself (host end
+    # vn-<hash>) and forwards the task's ports with nftables rules of its
+    # own; the machines reach beyond the host through IP forwarding, with
+    # the driver's masquerading.
+    boot.kernel.sysctl."net.ipv4.ip_forward" = lib.mkDefault 1;
+    boot.kernel.sysctl."net.ipv6.conf.all.forwarding" = lib.mkDefault 1;
+    # Other network managers must leave the driver's links alone.
+    networking.dhcpcd.denyInterfaces = [ "vn-*" ];
+    networking.networkmanager.unmanaged = [ "interface-name:vn-*" ];
   };
 }
