@@ -86,6 +86,6 @@ bench: testhost-ready
 		-test.run '^$$' -test.bench Import -test.benchtime $(or $(BENCHTIME),5x)); \
 	cd driver; \
 	$(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
-		-test.run '^$$' -test.bench 'StartToReady|StoreView' -test.benchtime $(or $(BENCHTIME),10x); \
+		-test.run '^$$' -test.bench 'StartToReady|StoreView|TimeToAddress' -test.benchtime $(or $(BENCHTIME),10x); \
 	NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.run '^$$' -test.bench PluginRSS -test.benchtime 1x

@@ -59,14 +59,87 @@ func BenchmarkStoreView(b *testing.B) {
 	}
 }
 
-func benchDriver(b *testing.B, toplevel, view string) {
+// Time from start to the machine having its address (tiny fixture): through the driver,
+// StartTask returns with both ends addressed; bare, systemd-run + systemd-nspawn (until READY,
+// which the tiny init reports at once) and then the same addressing with ip(8), as NixOS's
+// container scripts do.
+func BenchmarkTimeToAddress(b *testing.B) {
+	toplevel := os.Getenv("NIXOS_NSPAWN_TINY_TOPLEVEL")
+	if toplevel == "" {
+		b.Fatal("NIXOS_NSPAWN_TINY_TOPLEVEL is not set: run benchmarks through `make bench`")
+	}
+	b.Run("driver", func(b *testing.B) {
+		d := benchNewDriver(b)
+		defer d.Shutdown()
+		for i := 0; i < b.N; i++ {
+			b.StopTimer()
+			task := benchTask(b, toplevel, fmt.Sprintf("addr%d", i), storeViewClosure)
+			b.StartTimer()
+			_, network, err := d.StartTask(task)
+			b.StopTimer()
+			must.NoError(b, err)
+			_, machine, err := machineOfTaskID(task.ID)
+			must.NoError(b, err)
+			leader, err := d.mgr.Leader(machine)
+			must.NoError(b, err)
+			out, err := exec.Command("nsenter", "-t", strconv.Itoa(leader), "-n", "ip", "-o", "addr", "show", "dev", nspawn.GuestInterface).CombinedOutput()
+			must.NoError(b, err, must.Sprint(string(out)))
+			must.StrContains(b, string(out), network.IP+"/30")
+			must.NoError(b, d.StopTask(task.ID, 30*time.Second, ""))
+			must.NoError(b, d.DestroyTask(task.ID, true))
+			b.StartTimer()
+		}
+	})
+	b.Run("bare-nspawn-and-ip", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			b.StopTimer()
+			name := fmt.Sprintf("benchaddr%d", i)
+			link := fmt.Sprintf("vx-bench%d", i)
+			root := filepath.Join(b.TempDir(), "root")
+			must.NoError(b, nspawn.PrepareRoot(root))
+			b.StartTimer()
+			out, err := exec.Command("systemd-run", "--quiet", "--unit="+name,
+				"-p", "Type=notify", "-p", "NotifyAccess=all", "-p", "Delegate=yes", "-p", "RemainAfterExit=yes", "-p", "KillMode=mixed",
+				"systemd-nspawn", "--quiet", "--keep-unit", "--settings=no", "-D", root, "-M", name, "-U",
+				"--bind-ro=/nix/store", "--notify-ready=yes", "--kill-signal=SIGRTMIN+3", "--console=read-only",
+				"--link-journal=no", "--network-veth-extra="+link+":eth0", toplevel+"/init").CombinedOutput()
+			must.NoError(b, err, must.Sprint(string(out)))
+			leader, err := exec.Command("machinectl", "show", "-p", "Leader", "--value", name).Output()
+			must.NoError(b, err)
+			pid := strings.TrimSpace(string(leader))
+			for _, cmd := range [][]string{
+				{"ip", "addr", "add", "10.236.0.1/30", "dev", link},
+				{"ip", "link", "set", link, "up"},
+				{"nsenter", "-t", pid, "-n", "ip", "addr", "add", "10.236.0.2/30", "dev", "eth0"},
+				{"nsenter", "-t", pid, "-n", "ip", "link", "set", "eth0", "up"},
+			} {
+				out, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput()
+				must.NoError(b, err, must.Sprint(string(out)))
+			}
+			b.StopTimer()
+			_ = exec.Command("systemctl", "stop", name).Run()
+			_ = exec.Command("systemctl", "reset-failed", name).Run()
+			must.NoError(b, nspawn.RemoveRoot(root))
+			b.StartTimer()
+		}
+	})
+}
+
+// benchNewDriver is a configured driver with the default plugin config.
+func benchNewDriver(b *testing.B) *Driver {
 	d := NewDriver(hclog.NewNullLogger())
-	defer d.Shutdown()
 	var cfg []byte
-	must.NoError(b, base.MsgPackEncode(&cfg, &PluginConfig{Enabled: true, DataDir: b.TempDir(), Slice: defaultSlice, TasksMax: defaultTasksMax}))
+	must.NoError(b, base.MsgPackEncode(&cfg, &PluginConfig{Enabled: true, DataDir: b.TempDir(), Slice: defaultSlice, TasksMax: defaultTasksMax,
+		AddressPool: defaultAddressPool, AddressPoolIPv6: defaultAddressPoolIPv6}))
 	must.NoError(b, d.SetConfig(&base.Config{PluginConfig: cfg, AgentConfig: &base.AgentConfig{
 		Driver: &base.ClientDriverConfig{Topology: numalib.Scan(numalib.PlatformScanners(false))},
 	}}))
+	return d
+}
+
+func benchDriver(b *testing.B, toplevel, view string) {
+	d := benchNewDriver(b)
+	defer d.Shutdown()
 	events, err := d.TaskEvents(context.Background())
 	must.NoError(b, err)
 	for i := 0; i < b.N; i++ {
@@ -134,7 +207,8 @@ func pluginRSS(b *testing.B, binary, toplevel string, machines int) float64 {
 	must.NoError(b, err)
 	d := raw.(drivers.DriverPlugin)
 	var cfg []byte
-	must.NoError(b, base.MsgPackEncode(&cfg, &PluginConfig{Enabled: true, DataDir: b.TempDir(), Slice: defaultSlice, TasksMax: defaultTasksMax}))
+	must.NoError(b, base.MsgPackEncode(&cfg, &PluginConfig{Enabled: true, DataDir: b.TempDir(), Slice: defaultSlice, TasksMax: defaultTasksMax,
+		AddressPool: defaultAddressPool, AddressPoolIPv6: defaultAddressPoolIPv6}))
 	must.NoError(b, d.SetConfig(&base.Config{PluginConfig: cfg, AgentConfig: &base.AgentConfig{
 		Driver: &base.ClientDriverConfig{Topology: numalib.Scan(numalib.PlatformScanners(false))},
 	}}))
