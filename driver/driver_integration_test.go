@@ -409,12 +409,22 @@ func TestFingerprint(t *testing.T) {
 		// The test host has Nix and a writable /nix/store, so "auto" takes the host's store.
 		store, _ := fp.Attributes[attrPrefix+"store"].GetString()
 		must.EqOp(t, "host", store)
-		// The test host runs no systemd-networkd: healthy, with the warning.
+		// The test host runs no systemd-networkd, which veth machines do not need.
 		state, _ := exec.Command("systemctl", "is-active", "systemd-networkd.service").Output()
 		must.Eq(t, "inactive\n", string(state))
 		networkd, _ := fp.Attributes[attrPrefix+"networkd"].GetBool()
 		must.False(t, networkd)
-		must.StrContains(t, fp.HealthDescription, "warning: systemd-networkd is not running, so veth machines get no address")
+		must.StrNotContains(t, fp.HealthDescription, "networkd")
+		// IP forwarding is the build machine's: the warning follows it.
+		fwd, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
+		must.NoError(t, err)
+		forwarding, _ := fp.Attributes[attrPrefix+"ip_forward"].GetBool()
+		must.EqOp(t, strings.TrimSpace(string(fwd)) == "1", forwarding)
+		if !forwarding {
+			must.StrContains(t, fp.HealthDescription, "Healthy; warning: IPv4 forwarding is off, so veth machines reach only the host")
+		} else {
+			must.EqOp(t, drivers.DriverHealthy, fp.HealthDescription)
+		}
 	})
 	t.Run("unhealthy without systemd on the bus", func(t *testing.T) {
 		t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/system_bus_socket")

@@ -56,6 +56,8 @@ func TestNetworkModes(t *testing.T) {
 		cfg := td.newTask(t, "veth", systemdToplevel(t), nil)
 		td.start(t, cfg)
 		must.Eq(t, []string{"eth0", "lo"}, td.interfaces(t, cfg))
+		// Without a dns block, the host's resolvers.
+		must.StrContains(t, td.guestExec(t, cfg, "/bin/cat", "/etc/resolv.conf"), "# From the host's ")
 	})
 
 	t.Run("none has loopback only", func(t *testing.T) {

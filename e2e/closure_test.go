@@ -101,6 +101,9 @@ func TestClosureArtifacts(t *testing.T) {
 		archive(t, filepath.Join(closures(t), "cached-xz"), filepath.Join(dir, "cached."+format), format)
 	}
 	must.NoError(t, os.Link(filepath.Join(closures(t), "cached.export"), filepath.Join(dir, "cached.export")))
+	whole, err := os.ReadFile(filepath.Join(dir, "cached.tar.gz"))
+	must.NoError(t, err)
+	must.NoError(t, os.WriteFile(filepath.Join(dir, "truncated.tar.gz"), whole[:len(whole)/2], 0o644))
 	base := serve(t, dir)
 
 	for i, format := range formats {
@@ -120,6 +123,16 @@ func TestClosureArtifacts(t *testing.T) {
 			must.StrContains(t, nomad(t, "alloc", "logs", a.ID, "t"), "tinyinit: store 2 ")
 		})
 	}
+
+	t.Run("truncated archive", func(t *testing.T) {
+		id := "e2e-closure-truncated"
+		runJob(t, id, closureJob(id, cached, base+"/truncated.tar.gz", `binary_cache = "local/closure"`, ""))
+		a := waitAlloc(t, id, 2*time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
+		ts := a.TaskStates["t"]
+		// Nomad's artifact fetcher refuses it; the driver is never asked.
+		must.True(t, hasEvent(ts, "Failed Artifact Download", ""), must.Sprint(pretty(ts.Events)))
+		must.False(t, hasEvent(ts, "Driver", ""), must.Sprint(pretty(ts.Events)))
+	})
 
 	t.Run("export stream refused as unsigned", func(t *testing.T) {
 		id := "e2e-closure-export"
