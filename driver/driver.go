@@ -271,6 +271,9 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 		MachineDir:   machineDir,
 		StartedAt:    time.Now(),
 	}
+	if link != nil {
+		state.Link = linkState(link.veth.Addr)
+	}
 	handle := drivers.NewTaskHandle(taskHandleVersion)
 	handle.Config = cfg
 	if err := handle.SetDriverState(&state); err != nil {
@@ -399,17 +402,19 @@ func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout ti
 	d.mu.RUnlock()
 	ctx, cancel := context.WithCancel(d.ctx)
 	h := &taskHandle{
-		logger:       d.logger.With("task_id", cfg.ID, "machine", state.Machine),
-		mgr:          d.mgr,
-		cgroups:      cgroups,
-		journalctl:   d.pluginConfig().JournalctlPath,
-		emit:         d.emitter(cfg),
-		taskConfig:   cfg,
-		state:        state,
-		readyTimeout: readyTimeout,
-		ready:        reported,
-		doneCh:       make(chan struct{}),
-		cancel:       cancel,
+		// The link of the invocation that started (or was recovered) is addressed already.
+		linkInvocation: state.InvocationID,
+		logger:         d.logger.With("task_id", cfg.ID, "machine", state.Machine),
+		mgr:            d.mgr,
+		cgroups:        cgroups,
+		journalctl:     d.pluginConfig().JournalctlPath,
+		emit:           d.emitter(cfg),
+		taskConfig:     cfg,
+		state:          state,
+		readyTimeout:   readyTimeout,
+		ready:          reported,
+		doneCh:         make(chan struct{}),
+		cancel:         cancel,
 	}
 	d.tasks.add(cfg.ID, h)
 	go h.run(ctx)

@@ -58,11 +58,26 @@ func TestExitCodes(t *testing.T) {
 		cfg := td.newTask(t, "rebootin", tinyToplevel(t), []string{"reboot-once"}, func(_ *drivers.TaskConfig, tc *TaskConfig) {
 			tc.RebootPolicy = string(nspawn.RebootRestart)
 		})
-		td.start(t, cfg)
+		_, network, err := td.StartTask(cfg)
+		must.NoError(t, err)
+		t.Cleanup(func() { _ = td.d.DestroyTask(cfg.ID, true) })
 		must.Wait(t, wait.InitialSuccess(
 			wait.BoolFunc(func() bool { return strings.Count(logs(t, cfg), "tinyinit: ready") == 2 }),
 			wait.Timeout(30*time.Second), wait.Gap(100*time.Millisecond),
 		), must.Sprintf("the machine did not boot twice:\n%s", logs(t, cfg)))
+		// nspawn made a new veth pair for the new boot; the driver addressed it again.
+		machine := machineOf(t, cfg)
+		must.Wait(t, wait.InitialSuccess(
+			wait.BoolFunc(func() bool {
+				leader, err := td.d.mgr.Leader(machine)
+				if err != nil {
+					return false
+				}
+				out, _ := exec.Command("nsenter", "-t", fmt.Sprint(leader), "-n", "ip", "-o", "addr", "show", "dev", nspawn.GuestInterface).Output()
+				return strings.Contains(string(out), network.IP+"/30")
+			}),
+			wait.Timeout(10*time.Second), wait.Gap(100*time.Millisecond),
+		), must.Sprint("the rebooted machine has no address"))
 		status, err := td.InspectTask(cfg.ID)
 		must.NoError(t, err)
 		must.Eq(t, drivers.TaskStateRunning, status.State)

@@ -43,6 +43,9 @@ type taskHandle struct {
 	state        TaskState
 	readyTimeout time.Duration
 
+	// linkInvocation is the invocation of the unit whose link is addressed.
+	linkInvocation string
+
 	mu          sync.RWMutex
 	ready       bool
 	cgroupPath  string
@@ -117,6 +120,7 @@ func (h *taskHandle) run(ctx context.Context) {
 		default:
 			failures = 0
 			h.observe(ctx, st)
+			h.readdress(st)
 			if !st.Running() {
 				h.finish(ctx, &st, nil)
 				return
@@ -134,6 +138,31 @@ func (h *taskHandle) run(ctx context.Context) {
 		case <-time.After(interval):
 		}
 	}
+}
+
+// readdress gives the link of a machine that rebooted in place its addresses again: nspawn made
+// a new pair for the new invocation.
+func (h *taskHandle) readdress(st nspawn.UnitStatus) {
+	if h.state.Link == nil || !st.Running() || st.InvocationID == "" || st.InvocationID == h.linkInvocation {
+		return
+	}
+	if ok, _ := h.mgr.Registered(h.state.Machine); !ok {
+		return
+	}
+	veth := nspawn.NewVeth(h.state.Machine, h.state.Link.addressing())
+	leader, err := h.mgr.Leader(h.state.Machine)
+	if err == nil {
+		err = veth.ConfigureHost()
+	}
+	if err == nil {
+		err = veth.ConfigureGuest(leader)
+	}
+	if err != nil {
+		h.logger.Warn("cannot address the machine's link after its reboot", "error", err)
+		return
+	}
+	h.linkInvocation = st.InvocationID
+	h.emit("machine rebooted in place: its link is addressed again", nil)
 }
 
 func (h *taskHandle) isReady() bool {

@@ -4,8 +4,11 @@
 package driver
 
 import (
+	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
 // taskHandleVersion is the version of TaskState inside Nomad's task handles.
@@ -20,6 +23,32 @@ type TaskState struct {
 	InvocationID string
 	MachineDir   string
 	StartedAt    time.Time
+	// Link is the machine's veth addressing, for machines with the driver's link: a machine that
+	// reboots in place gets a new pair, which the handle addresses again.
+	Link *LinkState
+}
+
+// LinkState is a machine's addressing as prefixes ("" for a family not used).
+type LinkState struct {
+	HostIPv4, GuestIPv4, HostIPv6, GuestIPv6 string
+}
+
+func linkState(a nspawn.Addressing) *LinkState {
+	str := func(p netip.Prefix) string {
+		if !p.IsValid() {
+			return ""
+		}
+		return p.String()
+	}
+	return &LinkState{str(a.HostIPv4), str(a.GuestIPv4), str(a.HostIPv6), str(a.GuestIPv6)}
+}
+
+func (l *LinkState) addressing() nspawn.Addressing {
+	parse := func(s string) netip.Prefix {
+		p, _ := netip.ParsePrefix(s)
+		return p
+	}
+	return nspawn.Addressing{HostIPv4: parse(l.HostIPv4), GuestIPv4: parse(l.GuestIPv4), HostIPv6: parse(l.HostIPv6), GuestIPv6: parse(l.GuestIPv6)}
 }
 
 type taskStore struct {

@@ -134,7 +134,7 @@ func (v Veth) ConfigureGuest(pid int) error {
 			continue
 		}
 		route := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: net.IP(gw.Addr().AsSlice())}
-		if err := h.RouteAdd(route); err != nil {
+		if err := h.RouteAdd(route); err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("default route via %s in machine %s: %w", gw.Addr(), v.Machine, err)
 		}
 	}
@@ -142,7 +142,8 @@ func (v Veth) ConfigureGuest(pid int) error {
 }
 
 // addAddrs adds the valid prefixes; IPv6 ones skip duplicate address detection, which would
-// keep them unusable for a second or two on a link with nothing else on it.
+// keep them unusable for a second or two on a link with nothing else on it. Configuring a link
+// twice is harmless.
 func addAddrs(add func(netlink.Link, *netlink.Addr) error, link netlink.Link, prefixes ...netip.Prefix) error {
 	for _, p := range prefixes {
 		if !p.IsValid() {
@@ -152,7 +153,8 @@ func addAddrs(add func(netlink.Link, *netlink.Addr) error, link netlink.Link, pr
 		if p.Addr().Is6() {
 			a.Flags = unix.IFA_F_NODAD
 		}
-		if err := add(link, a); err != nil {
+		// Already there: the link was addressed before (a plugin restarted in between).
+		if err := add(link, a); err != nil && !errors.Is(err, unix.EEXIST) {
 			return err
 		}
 	}
