@@ -127,6 +127,9 @@ func (d *Driver) fetchClosure(ctx context.Context, cfg *drivers.TaskConfig, tc *
 		}
 		req.Export = f
 	}
+	if err := checkTaskSubstituters(tc.Substituters, pc); err != nil {
+		return nspawn.StoreView{}, err
+	}
 	for _, u := range append(append([]string(nil), tc.Substituters...), pc.Substituters...) {
 		cache, err := closure.NewHTTPCache(u, nil)
 		if err != nil {
@@ -167,6 +170,28 @@ func (d *Driver) fetchClosure(ctx context.Context, cfg *drivers.TaskConfig, tc *
 		return nspawn.StoreView{Dir: store.Dir()}, nil
 	}
 	return closureView(store.Dir(), filepath.Join(d.machineDir(machine), "store"), res.Requisites)
+}
+
+// checkTaskSubstituters lets a task name only binary caches the operator listed, as Nix lets
+// untrusted users name only trusted-substituters: the driver fetches as root, and would
+// otherwise ask any address a job author wrote.
+func checkTaskSubstituters(urls []string, pc PluginConfig) error {
+	allowed := map[string]bool{}
+	for _, u := range append(append([]string(nil), pc.Substituters...), pc.TrustedSubstituters...) {
+		if p, err := closure.ParseCacheURL(u); err == nil {
+			allowed[p.String()] = true
+		}
+	}
+	for i, u := range urls {
+		p, err := closure.ParseCacheURL(u)
+		if err != nil {
+			return fmt.Errorf("substituters[%d] = %w", i, err)
+		}
+		if !allowed[p.String()] {
+			return fmt.Errorf("substituters[%d] = %q: a task may name only binary caches of the plugin config's substituters or trusted_substituters", i, u)
+		}
+	}
+	return nil
 }
 
 // closureView binds each path of the closure on its own, and writes symlink paths as symlinks.

@@ -134,6 +134,7 @@ func TestClosureDeliveryToOwnStore(t *testing.T) {
 		},
 		{
 			name:   "HTTP binary cache of the task",
+			plugin: func(pc *PluginConfig) { pc.TrustedSubstituters = []string{srv.URL + "/"} },
 			task:   func(tc *TaskConfig) { tc.Substituters = []string{srv.URL} },
 			signed: true,
 		},
@@ -263,6 +264,11 @@ func TestClosureRefusalsLeaveNothing(t *testing.T) {
 			},
 			task: func(tc *TaskConfig) { tc.BinaryCache = "local/cache" },
 			want: `binary_cache = "local/cache"`,
+		},
+		{
+			name: "a substituter the operator did not name",
+			task: func(tc *TaskConfig) { tc.Substituters = []string{"http://169.254.169.254/latest"} },
+			want: `substituters[0] = "http://169.254.169.254/latest": a task may name only binary caches of the plugin config's substituters or trusted_substituters`,
 		},
 		{
 			name: "host store view on the driver's store",

@@ -30,23 +30,24 @@ const (
 )
 
 var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
-	"enabled":             hclspec.NewDefault(hclspec.NewAttr("enabled", "bool", false), hclspec.NewLiteral("true")),
-	"data_dir":            hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
-	"nspawn_path":         hclspec.NewAttr("nspawn_path", "string", false),
-	"systemd_run_path":    hclspec.NewAttr("systemd_run_path", "string", false),
-	"journalctl_path":     hclspec.NewAttr("journalctl_path", "string", false),
-	"nsenter_path":        hclspec.NewAttr("nsenter_path", "string", false),
-	"slice":               hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
-	"tasks_max":           hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
-	"allow_host_network":  hclspec.NewDefault(hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral("false")),
-	"store":               hclspec.NewDefault(hclspec.NewAttr("store", "string", false), hclspec.NewLiteral(`"auto"`)),
-	"nix_store_path":      hclspec.NewAttr("nix_store_path", "string", false),
-	"trusted_public_keys": hclspec.NewAttr("trusted_public_keys", "list(string)", false),
-	"substituters":        hclspec.NewAttr("substituters", "list(string)", false),
-	"allow_unsigned":      hclspec.NewDefault(hclspec.NewAttr("allow_unsigned", "bool", false), hclspec.NewLiteral("false")),
-	"gc_grace":            hclspec.NewDefault(hclspec.NewAttr("gc_grace", "string", false), hclspec.NewLiteral(strconv.Quote(defaultGCGrace))),
-	"address_pool":        hclspec.NewDefault(hclspec.NewAttr("address_pool", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPool))),
-	"address_pool_ipv6":   hclspec.NewDefault(hclspec.NewAttr("address_pool_ipv6", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPoolIPv6))),
+	"enabled":              hclspec.NewDefault(hclspec.NewAttr("enabled", "bool", false), hclspec.NewLiteral("true")),
+	"data_dir":             hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
+	"nspawn_path":          hclspec.NewAttr("nspawn_path", "string", false),
+	"systemd_run_path":     hclspec.NewAttr("systemd_run_path", "string", false),
+	"journalctl_path":      hclspec.NewAttr("journalctl_path", "string", false),
+	"nsenter_path":         hclspec.NewAttr("nsenter_path", "string", false),
+	"slice":                hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
+	"tasks_max":            hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
+	"allow_host_network":   hclspec.NewDefault(hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral("false")),
+	"store":                hclspec.NewDefault(hclspec.NewAttr("store", "string", false), hclspec.NewLiteral(`"auto"`)),
+	"nix_store_path":       hclspec.NewAttr("nix_store_path", "string", false),
+	"trusted_public_keys":  hclspec.NewAttr("trusted_public_keys", "list(string)", false),
+	"substituters":         hclspec.NewAttr("substituters", "list(string)", false),
+	"trusted_substituters": hclspec.NewAttr("trusted_substituters", "list(string)", false),
+	"allow_unsigned":       hclspec.NewDefault(hclspec.NewAttr("allow_unsigned", "bool", false), hclspec.NewLiteral("false")),
+	"gc_grace":             hclspec.NewDefault(hclspec.NewAttr("gc_grace", "string", false), hclspec.NewLiteral(strconv.Quote(defaultGCGrace))),
+	"address_pool":         hclspec.NewDefault(hclspec.NewAttr("address_pool", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPool))),
+	"address_pool_ipv6":    hclspec.NewDefault(hclspec.NewAttr("address_pool_ipv6", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPoolIPv6))),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -83,6 +84,8 @@ type PluginConfig struct {
 	TrustedPublicKeys []string `codec:"trusted_public_keys"`
 	// Substituters are binary caches every task may be fetched from, after the task's own.
 	Substituters []string `codec:"substituters"`
+	// TrustedSubstituters are further binary caches a task may name in its own substituters.
+	TrustedSubstituters []string `codec:"trusted_substituters"`
 	// AllowUnsigned accepts unsigned paths and export streams.
 	AllowUnsigned bool `codec:"allow_unsigned"`
 	// GCGrace is how long the driver's own store keeps a closure no allocation uses.
@@ -146,9 +149,14 @@ func (c *PluginConfig) validate() error {
 	if c.keys, err = closure.ParseTrustedKeys(c.TrustedPublicKeys); err != nil {
 		return err
 	}
-	for i, u := range c.Substituters {
-		if _, err := closure.ParseCacheURL(u); err != nil {
-			return fmt.Errorf("substituters[%d] = %w", i, err)
+	for _, list := range []struct {
+		name string
+		urls []string
+	}{{"substituters", c.Substituters}, {"trusted_substituters", c.TrustedSubstituters}} {
+		for i, u := range list.urls {
+			if _, err := closure.ParseCacheURL(u); err != nil {
+				return fmt.Errorf("%s[%d] = %w", list.name, i, err)
+			}
 		}
 	}
 	if c.GCGrace == "" {

@@ -71,6 +71,7 @@ func TestPluginConfigValidate_Errors(t *testing.T) {
 		{"bad key", func(c *PluginConfig) { c.TrustedPublicKeys = []string{"cache.nixos.org-1"} }, "trusted_public_keys[0]", `"cache.nixos.org-1"`},
 		{"short key", func(c *PluginConfig) { c.TrustedPublicKeys = []string{"k:AAAA"} }, "trusted_public_keys[0]", `"k:AAAA"`},
 		{"substituter without scheme", func(c *PluginConfig) { c.Substituters = []string{"cache.example.org"} }, "substituters[0]", `"cache.example.org"`},
+		{"trusted substituter with a query", func(c *PluginConfig) { c.TrustedSubstituters = []string{"https://c?x=1"} }, "trusted_substituters[0]", `"https://c?x=1"`},
 		{"gc_grace not a duration", func(c *PluginConfig) { c.GCGrace = "1 day" }, "gc_grace", `"1 day"`},
 		{"gc_grace negative", func(c *PluginConfig) { c.GCGrace = "-1h" }, "gc_grace", `"-1h"`},
 		{"address_pool not a network", func(c *PluginConfig) { c.AddressPool = "10.235.0.1" }, "address_pool", `"10.235.0.1"`},
@@ -362,26 +363,28 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
   nix_store_path   = "/opt/bin/nix-store"
   trusted_public_keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
   substituters     = ["https://cache.example.org"]
+  trusted_substituters = ["https://ci.example.org"]
   allow_unsigned   = true
   gc_grace         = "10m"
 }`, &pc)
 	must.Eq(t, PluginConfig{
-		Enabled:           false,
-		DataDir:           "/srv/machines",
-		NspawnPath:        "/opt/bin/systemd-nspawn",
-		SystemdRunPath:    "/opt/bin/systemd-run",
-		JournalctlPath:    "/opt/bin/journalctl",
-		Slice:             "nomad-machines.slice",
-		TasksMax:          0,
-		AllowHostNetwork:  true,
-		Store:             "driver",
-		NixStorePath:      "/opt/bin/nix-store",
-		TrustedPublicKeys: []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="},
-		Substituters:      []string{"https://cache.example.org"},
-		AllowUnsigned:     true,
-		GCGrace:           "10m",
-		AddressPool:       "10.235.0.0/16",
-		AddressPoolIPv6:   "fd35:6e78:6f73::/48",
+		Enabled:             false,
+		DataDir:             "/srv/machines",
+		NspawnPath:          "/opt/bin/systemd-nspawn",
+		SystemdRunPath:      "/opt/bin/systemd-run",
+		JournalctlPath:      "/opt/bin/journalctl",
+		Slice:               "nomad-machines.slice",
+		TasksMax:            0,
+		AllowHostNetwork:    true,
+		Store:               "driver",
+		NixStorePath:        "/opt/bin/nix-store",
+		TrustedPublicKeys:   []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="},
+		Substituters:        []string{"https://cache.example.org"},
+		TrustedSubstituters: []string{"https://ci.example.org"},
+		AllowUnsigned:       true,
+		GCGrace:             "10m",
+		AddressPool:         "10.235.0.0/16",
+		AddressPoolIPv6:     "fd35:6e78:6f73::/48",
 	}, pc)
 	must.NoError(t, pc.validate())
 	must.EqOp(t, 10*time.Minute, pc.gcGrace)
