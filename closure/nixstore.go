@@ -18,6 +18,7 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/wire"
+	"golang.org/x/sys/unix"
 )
 
 // NixStore is the host's Nix store, written through its nix-store program so that Nix knows
@@ -47,7 +48,7 @@ func HostNixUsable(nixStore string) bool {
 		return false
 	}
 	for _, d := range []string{StoreDir, "/nix/var/nix/db"} {
-		if unixAccessW(d) != nil {
+		if unix.Access(d, unix.W_OK) != nil {
 			return false
 		}
 	}

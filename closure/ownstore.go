@@ -186,11 +186,12 @@ func (s *OwnStore) RemoveRoot(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
+	// The metadata's modification time is when the path was last used.
 	now := time.Now()
 	if paths, err := s.Requisites(ctx, string(b)); err == nil {
 		for _, p := range paths {
 			base, _ := ParsePath(p)
-			_ = touch(s.metaPath(base), now)
+			_ = os.Chtimes(s.metaPath(base), now, now)
 		}
 	}
 	return os.Remove(f)

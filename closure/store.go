@@ -10,10 +10,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"time"
 
 	"github.com/nix-community/go-nix/pkg/nar"
-	"golang.org/x/sys/unix"
 )
 
 // Store kinds, as the plugin config and the fingerprint name them.
@@ -96,13 +94,4 @@ func clearTemp(s Store) error {
 		return nil
 	}
 	return err
-}
-
-// touch marks a path as used now, for the grace period of garbage collection.
-func touch(p string, now time.Time) error {
-	return os.Chtimes(p, now, now)
-}
-
-func unixAccessW(p string) error {
-	return unix.Access(p, unix.W_OK)
 }
