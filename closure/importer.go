@@ -309,10 +309,11 @@ func (im *Importer) fetch(ctx context.Context, req Request, want map[string]*can
 	onRead := func(n int) { bytesDone.Add(uint64(n)) }
 	signers := map[string]bool{}
 	// The toplevel comes first, so a system that cannot run is refused before the rest is fetched.
+	stageOrder := order
 	if i := indexOf(order, req.Toplevel); i > 0 {
-		order = append(append([]string{req.Toplevel}, order[:i]...), order[i+1:]...)
+		stageOrder = append(append([]string{req.Toplevel}, order[:i]...), order[i+1:]...)
 	}
-	for _, p := range order {
+	for _, p := range stageOrder {
 		c := want[p]
 		if err := im.stageOne(ctx, req, tmp, c, p == req.Toplevel, onRead); err != nil {
 			return err
@@ -323,7 +324,6 @@ func (im *Importer) fetch(ctx context.Context, req Request, want map[string]*can
 		prog.Paths++
 		report()
 	}
-	order, _ = topoSort(infos)
 	list := make([]*PathInfo, len(order))
 	for i, p := range order {
 		list[i] = infos[p]

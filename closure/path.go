@@ -34,8 +34,10 @@ type PathInfo struct {
 
 // ParsePath checks that p is an absolute store path and returns its base name (<hash>-<name>).
 func ParsePath(p string) (string, error) {
+	// go-nix parses by offsets: it lets other store directories, longer hashes and trailing
+	// slashes through, so the path must also be what it parses to.
 	sp, err := storepath.FromAbsolutePath(p)
-	if err != nil {
+	if err != nil || sp.Absolute() != p {
 		return "", fmt.Errorf("%q is not a Nix store path like %s/<32-character hash>-<name>", p, StoreDir)
 	}
 	return sp.String(), nil

@@ -29,19 +29,21 @@ const (
 // newImporter opens the store the plugin config asks for.
 func newImporter(pc PluginConfig) (*closure.Importer, error) {
 	kind := pc.Store
-	if kind == storeAuto {
-		kind = closure.KindDriver
-		if closure.HostNixUsable(pc.NixStorePath) {
+	if kind != closure.KindDriver {
+		usable := closure.HostNixUsable(pc.NixStorePath)
+		switch {
+		case kind == closure.KindHost && !usable:
+			return nil, fmt.Errorf(`store = "host": the host's Nix store cannot take imports (%s does not run, or %s or /nix/var/nix/db is not writable); use "auto" or "driver"`, pc.NixStorePath, closure.StoreDir)
+		case usable:
 			kind = closure.KindHost
+		default:
+			kind = closure.KindDriver
 		}
 	}
 	var store closure.Store
 	var err error
 	switch kind {
 	case closure.KindHost:
-		if !closure.HostNixUsable(pc.NixStorePath) {
-			return nil, fmt.Errorf(`store = "host": the host's Nix store cannot take imports (%s does not run, or %s or /nix/var/nix/db is not writable); use "auto" or "driver"`, pc.NixStorePath, closure.StoreDir)
-		}
 		store, err = closure.NewNixStore(pc.NixStorePath, filepath.Join(pc.DataDir, "gcroots"), filepath.Join(pc.DataDir, "tmp"))
 	default:
 		store, err = closure.NewOwnStore(filepath.Join(pc.DataDir, "store"))
