@@ -39,7 +39,7 @@ func BenchmarkImport(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			c, err := OpenDirCache(cache, "systemd-zstd")
+			c, err := openDirCache(cache)
 			if err != nil {
 				b.Fatal(err)
 			}

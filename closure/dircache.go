@@ -18,16 +18,6 @@ type DirCache struct {
 	root *os.Root
 }
 
-// OpenDirCache opens the cache in dir. Files are read through an os.Root, so neither '..' nor
-// a symlink in the cache can reach outside it. name is how messages call the cache.
-func OpenDirCache(dir, name string) (*DirCache, error) {
-	root, err := os.OpenRoot(dir)
-	if err != nil {
-		return nil, err
-	}
-	return NewDirCache(root, name)
-}
-
 // NewDirCache uses an opened directory as a cache, and closes it with the cache.
 func NewDirCache(root *os.Root, name string) (*DirCache, error) {
 	if err := checkCacheInfo(root); err != nil {
@@ -39,15 +29,15 @@ func NewDirCache(root *os.Root, name string) (*DirCache, error) {
 
 func (c *DirCache) String() string { return c.name }
 
-func (c *DirCache) retryable() bool { return false }
+func (c *DirCache) Retryable() bool { return false }
 
 // Close releases the directory.
 func (c *DirCache) Close() error { return c.root.Close() }
 
-func (c *DirCache) open(_ context.Context, rel string) (io.ReadCloser, error) {
+func (c *DirCache) Open(_ context.Context, rel string) (io.ReadCloser, error) {
 	f, err := c.root.Open(rel)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, errNotFound
+		return nil, ErrNotFound
 	}
 	if err != nil {
 		return nil, err

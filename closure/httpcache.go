@@ -31,24 +31,18 @@ type HTTPCache struct {
 // httpHeaderTimeout bounds the wait for a response; bodies may take as long as they need.
 const httpHeaderTimeout = 30 * time.Second
 
-// NewHTTPCache checks the URL; the cache's nix-cache-info is checked when it is first used.
-func NewHTTPCache(rawURL string, client *http.Client) (*HTTPCache, error) {
-	u, err := ParseCacheURL(rawURL)
-	if err != nil {
-		return nil, err
-	}
-	if client == nil {
-		t := http.DefaultTransport.(*http.Transport).Clone()
-		t.ResponseHeaderTimeout = httpHeaderTimeout
-		client = &http.Client{Transport: t}
-	}
-	return &HTTPCache{base: u, client: client}, nil
+// openHTTPCache makes the cache of a URL ParseCacheURL accepted; its nix-cache-info is checked when
+// it is first used, so an unneeded cache is never contacted.
+func openHTTPCache(u *url.URL) (Source, error) {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.ResponseHeaderTimeout = httpHeaderTimeout
+	return &HTTPCache{base: u, client: &http.Client{Transport: t}}, nil
 }
 
 func (c *HTTPCache) checkInfo(ctx context.Context) error {
 	rc, err := c.get(ctx, "nix-cache-info")
 	switch {
-	case errors.Is(err, errNotFound):
+	case errors.Is(err, ErrNotFound):
 		return nil
 	case err != nil:
 		return err
@@ -60,21 +54,17 @@ func (c *HTTPCache) checkInfo(ctx context.Context) error {
 	return nil
 }
 
-// ParseCacheURL accepts http and https URLs without user info, query or fragment.
-func ParseCacheURL(rawURL string) (*url.URL, error) {
-	u, err := url.Parse(rawURL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
-		return nil, fmt.Errorf("%q must be an http:// or https:// URL of a binary cache, without user, query or fragment", rawURL)
-	}
-	u.Path = strings.TrimSuffix(u.Path, "/")
-	return u, nil
-}
-
 func (c *HTTPCache) String() string { return c.base.String() }
 
-func (c *HTTPCache) retryable() bool { return true }
+func (c *HTTPCache) Retryable() bool { return true }
 
-func (c *HTTPCache) open(ctx context.Context, rel string) (io.ReadCloser, error) {
+// Close ends the cache's idle connections.
+func (c *HTTPCache) Close() error {
+	c.client.CloseIdleConnections()
+	return nil
+}
+
+func (c *HTTPCache) Open(ctx context.Context, rel string) (io.ReadCloser, error) {
 	c.info.Do(func() { c.infoErr = c.checkInfo(ctx) })
 	if c.infoErr != nil {
 		return nil, c.infoErr
@@ -98,7 +88,7 @@ func (c *HTTPCache) get(ctx context.Context, rel string) (io.ReadCloser, error) 
 		return resp.Body, nil
 	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusForbidden:
 		resp.Body.Close()
-		return nil, errNotFound
+		return nil, ErrNotFound
 	}
 	resp.Body.Close()
 	return nil, fmt.Errorf("GET %s: %s", u.String(), resp.Status)

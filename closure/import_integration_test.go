@@ -64,7 +64,26 @@ func ownStore(t *testing.T) *OwnStore {
 }
 
 func dirCache(t *testing.T, dir string) *DirCache {
-	c, err := OpenDirCache(dir, filepath.Base(dir))
+	c, err := openDirCache(dir)
+	must.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// openDirCache opens a cache directory named by its base name, as the tests' messages expect.
+func openDirCache(dir string) (*DirCache, error) {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return nil, err
+	}
+	return NewDirCache(root, filepath.Base(dir))
+}
+
+// openURL opens the cache of a substituter URL, as the driver does.
+func openURL(t *testing.T, raw string) Source {
+	u, err := ParseCacheURL(raw)
+	must.NoError(t, err)
+	c, err := OpenCache(u)
 	must.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
 	return c
@@ -231,8 +250,7 @@ func TestImportHTTPCache(t *testing.T) {
 
 	t.Run("retries a dropped connection", func(t *testing.T) {
 		srv, dropped := cacheServer(t, dir, 1)
-		cache, err := NewHTTPCache(srv.URL, nil)
-		must.NoError(t, err)
+		cache := openURL(t, srv.URL)
 		s := ownStore(t)
 		res, err := NewImporter(s, fixturePolicy(t)).Import(context.Background(), Request{Toplevel: tiny, Caches: []Source{cache}, Root: "a"})
 		must.NoError(t, err)
@@ -241,10 +259,9 @@ func TestImportHTTPCache(t *testing.T) {
 	})
 	t.Run("gives up and leaves nothing", func(t *testing.T) {
 		srv, dropped := cacheServer(t, dir, 100)
-		cache, err := NewHTTPCache(srv.URL, nil)
-		must.NoError(t, err)
+		cache := openURL(t, srv.URL)
 		s := ownStore(t)
-		_, err = NewImporter(s, fixturePolicy(t)).Import(context.Background(), Request{Toplevel: tiny, Caches: []Source{cache}, Root: "a"})
+		_, err := NewImporter(s, fixturePolicy(t)).Import(context.Background(), Request{Toplevel: tiny, Caches: []Source{cache}, Root: "a"})
 		must.ErrorContains(t, err, "NAR of /nix/store/")
 		must.Eq(t, int32(fetchAttempts), dropped.Load())
 		assertEmpty(t, s)
@@ -255,9 +272,7 @@ func TestImportHTTPCache(t *testing.T) {
 		srv, _ := cacheServer(t, dir, 0)
 		var caches []Source
 		for _, u := range []string{empty.URL, srv.URL + "/"} {
-			c, err := NewHTTPCache(u, nil)
-			must.NoError(t, err)
-			caches = append(caches, c)
+			caches = append(caches, openURL(t, u))
 		}
 		_, err := NewImporter(ownStore(t), fixturePolicy(t)).Import(context.Background(), Request{Toplevel: tiny, Caches: caches})
 		must.NoError(t, err)
@@ -416,7 +431,7 @@ func TestImportRefusals(t *testing.T) {
 				top = tiny
 			}
 			s := ownStore(t)
-			c, err := OpenDirCache(tc.cache(t), filepath.Base(tc.cache(t)))
+			c, err := openDirCache(tc.cache(t))
 			must.NoError(t, err)
 			defer c.Close()
 			_, err = NewImporter(s, pol).Import(context.Background(), Request{Toplevel: top, Caches: []Source{c}, Root: "a"})

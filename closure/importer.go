@@ -222,7 +222,7 @@ func (im *Importer) locate(ctx context.Context, req Request, exported map[string
 	var names []string
 	for _, src := range req.Caches {
 		ni, err := fetchNarInfo(ctx, src, p)
-		if errors.Is(err, errNotFound) {
+		if errors.Is(err, ErrNotFound) {
 			names = append(names, src.String())
 			continue
 		}
@@ -381,7 +381,7 @@ func (im *Importer) stageOne(ctx context.Context, req Request, tmp string, c *ca
 			return st.finish()
 		}
 		var ie integrityError
-		if errors.As(err, &ie) || ctx.Err() != nil || c.src == nil || !c.src.retryable() || attempt == fetchAttempts {
+		if errors.As(err, &ie) || ctx.Err() != nil || c.src == nil || !c.src.Retryable() || attempt == fetchAttempts {
 			_ = st.discard()
 			return err
 		}

@@ -26,20 +26,6 @@ import (
 // maxNarInfoSize bounds a narinfo file; real ones are well under a kilobyte plus references.
 const maxNarInfoSize = 4 << 20
 
-// errNotFound is a source's answer for a file it does not have.
-var errNotFound = errors.New("not found")
-
-// Source is a binary cache: a directory or server with <hash>.narinfo files and the NARs they
-// point to, as `nix copy --to` writes it.
-type Source interface {
-	// String names the source in messages.
-	String() string
-	// open returns the file at a path relative to the cache's root, or errNotFound.
-	open(ctx context.Context, rel string) (io.ReadCloser, error)
-	// retryable says whether a failed transfer is worth repeating (network sources).
-	retryable() bool
-}
-
 // integrityError is a verification failure: retrying cannot fix it.
 type integrityError struct{ error }
 
@@ -49,9 +35,9 @@ func integrityf(format string, args ...any) error {
 	return integrityError{fmt.Errorf(format, args...)}
 }
 
-// fetchNarInfo reads and checks the narinfo of p from src; it returns errNotFound if src lacks p.
+// fetchNarInfo reads and checks the narinfo of p from src; it returns ErrNotFound if src lacks p.
 func fetchNarInfo(ctx context.Context, src Source, p string) (*narinfo.NarInfo, error) {
-	rc, err := src.open(ctx, hashPart(p)+".narinfo")
+	rc, err := src.Open(ctx, hashPart(p)+".narinfo")
 	if err != nil {
 		return nil, err
 	}
@@ -157,8 +143,8 @@ type narStream struct {
 
 // openNAR starts fetching the NAR ni points to. onRead is told about every compressed byte.
 func openNAR(ctx context.Context, src Source, ni *narinfo.NarInfo, onRead func(int)) (*narStream, error) {
-	body, err := src.open(ctx, ni.URL)
-	if errors.Is(err, errNotFound) {
+	body, err := src.Open(ctx, ni.URL)
+	if errors.Is(err, ErrNotFound) {
 		return nil, integrityf("NAR of %s: %s has no %s", ni.StorePath, src, ni.URL)
 	}
 	if err != nil {

@@ -129,14 +129,15 @@ func (d *Driver) fetchClosure(ctx context.Context, cfg *drivers.TaskConfig, tc *
 		}
 		req.Export = f
 	}
-	if err := checkTaskSubstituters(tc.Substituters, pc); err != nil {
+	if err := checkTaskSubstituters(o.substituters, pc); err != nil {
 		return nspawn.StoreView{}, err
 	}
-	for _, u := range append(append([]string(nil), tc.Substituters...), pc.Substituters...) {
-		cache, err := closure.NewHTTPCache(u, nil)
+	for _, u := range append(append([]closure.CacheURL(nil), o.substituters...), pc.substituters...) {
+		cache, err := closure.OpenCache(u)
 		if err != nil {
 			return nspawn.StoreView{}, err
 		}
+		defer cache.Close()
 		req.Caches = append(req.Caches, cache)
 	}
 	emit := d.emitter(cfg)
@@ -177,20 +178,14 @@ func (d *Driver) fetchClosure(ctx context.Context, cfg *drivers.TaskConfig, tc *
 // checkTaskSubstituters lets a task name only binary caches the operator listed, as Nix lets
 // untrusted users name only trusted-substituters: the driver fetches as root, and would
 // otherwise ask any address a job author wrote.
-func checkTaskSubstituters(urls []string, pc PluginConfig) error {
+func checkTaskSubstituters(urls []closure.CacheURL, pc PluginConfig) error {
 	allowed := map[string]bool{}
-	for _, u := range append(append([]string(nil), pc.Substituters...), pc.TrustedSubstituters...) {
-		if p, err := closure.ParseCacheURL(u); err == nil {
-			allowed[p.String()] = true
-		}
+	for _, u := range append(append([]closure.CacheURL(nil), pc.substituters...), pc.trustedSubstituters...) {
+		allowed[u.String()] = true
 	}
 	for i, u := range urls {
-		p, err := closure.ParseCacheURL(u)
-		if err != nil {
-			return fmt.Errorf("substituters[%d] = %w", i, err)
-		}
-		if !allowed[p.String()] {
-			return fmt.Errorf("substituters[%d] = %q: a task may name only binary caches of the plugin config's substituters or trusted_substituters", i, u)
+		if !allowed[u.String()] {
+			return fmt.Errorf("substituters[%d] = %q: a task may name only binary caches of the plugin config's substituters or trusted_substituters", i, u.Raw())
 		}
 	}
 	return nil

@@ -96,9 +96,11 @@ type PluginConfig struct {
 	AddressPool     string `codec:"address_pool"`
 	AddressPoolIPv6 string `codec:"address_pool_ipv6"`
 
-	gcGrace time.Duration
-	keys    closure.TrustedKeys
-	pools   pools
+	gcGrace             time.Duration
+	keys                closure.TrustedKeys
+	pools               pools
+	substituters        []closure.CacheURL
+	trustedSubstituters []closure.CacheURL
 }
 
 // TaskConfig is the config block of a task.
@@ -149,15 +151,11 @@ func (c *PluginConfig) validate() error {
 	if c.keys, err = closure.ParseTrustedKeys(c.TrustedPublicKeys); err != nil {
 		return err
 	}
-	for _, list := range []struct {
-		name string
-		urls []string
-	}{{"substituters", c.Substituters}, {"trusted_substituters", c.TrustedSubstituters}} {
-		for i, u := range list.urls {
-			if _, err := closure.ParseCacheURL(u); err != nil {
-				return fmt.Errorf("%s[%d] = %w", list.name, i, err)
-			}
-		}
+	if c.substituters, err = closure.ParseCacheURLs("substituters", c.Substituters); err != nil {
+		return err
+	}
+	if c.trustedSubstituters, err = closure.ParseCacheURLs("trusted_substituters", c.TrustedSubstituters); err != nil {
+		return err
 	}
 	if c.GCGrace == "" {
 		c.GCGrace = defaultGCGrace
@@ -206,6 +204,7 @@ type taskOptions struct {
 	rebootPolicy nspawn.RebootPolicy
 	networkMode  string
 	storeView    string
+	substituters []closure.CacheURL
 }
 
 // validate checks the task config; it runs after Nomad's interpolation, so it sees the values
@@ -255,10 +254,8 @@ func (c *TaskConfig) options() (taskOptions, error) {
 			return o, fmt.Errorf("%s = %q: must be a path relative to the task directory, such as \"local/closure\", without '..'", f.name, f.value)
 		}
 	}
-	for i, u := range c.Substituters {
-		if _, err := closure.ParseCacheURL(u); err != nil {
-			return o, fmt.Errorf("substituters[%d] = %w", i, err)
-		}
+	if o.substituters, err = closure.ParseCacheURLs("substituters", c.Substituters); err != nil {
+		return o, err
 	}
 	for i, l := range c.Ports {
 		if l == "" || strings.ContainsAny(l, " \x00\n") {
