@@ -4,6 +4,7 @@ GO ?= go
 BUILD := build
 PLUGIN := $(BUILD)/nomad-driver-nixos
 TESTHOST := e2e/testhost/testhost.sh
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 FIXTURES_ENV := $(or $(NIXOS_NSPAWN_CACHE),/var/cache/nomad-driver-nixos)/fixtures.env
 # Packages that hold test binaries run inside the systemd test host.
 INTEGRATION_PKGS := closure driver
@@ -23,6 +24,7 @@ lint:
 	$(GO) vet -tags integration ./...
 	$(GO) vet -tags e2e ./...
 	$(GO) vet -tags e2e,e2e_cluster ./...
+	$(GO) run $(STATICCHECK) -tags integration,e2e,e2e_cluster ./...
 
 # Pure logic; runs anywhere.
 unit:

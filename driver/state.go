@@ -5,7 +5,6 @@ package driver
 
 import (
 	"net/netip"
-	"sync"
 	"time"
 
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
@@ -49,35 +48,4 @@ func (l *LinkState) addressing() nspawn.Addressing {
 		return p
 	}
 	return nspawn.Addressing{HostIPv4: parse(l.HostIPv4), GuestIPv4: parse(l.GuestIPv4), HostIPv6: parse(l.HostIPv6), GuestIPv6: parse(l.GuestIPv6)}
-}
-
-type taskStore struct {
-	mu    sync.RWMutex
-	tasks map[string]*taskHandle
-}
-
-func newTaskStore() *taskStore { return &taskStore{tasks: map[string]*taskHandle{}} }
-
-func (s *taskStore) get(id string) (*taskHandle, bool) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	h, ok := s.tasks[id]
-	return h, ok
-}
-
-// add stores h unless a task of that ID exists; it reports whether it did.
-func (s *taskStore) add(id string, h *taskHandle) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, ok := s.tasks[id]; ok {
-		return false
-	}
-	s.tasks[id] = h
-	return true
-}
-
-func (s *taskStore) delete(id string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.tasks, id)
 }

@@ -64,8 +64,6 @@ type Usage struct {
 	CPUSystem        time.Duration
 	ThrottledPeriods uint64
 	ThrottledTime    time.Duration
-
-	OOMKills uint64
 }
 
 // Read samples the cgroup at path (a unit's ControlGroup, e.g. /machine.slice/x.service).
@@ -113,9 +111,6 @@ func readV2(dir string) (Usage, error) {
 	u.CPUSystem = time.Duration(cpu["system_usec"]) * time.Microsecond
 	u.ThrottledPeriods = cpu["nr_throttled"]
 	u.ThrottledTime = time.Duration(cpu["throttled_usec"]) * time.Microsecond
-	if ev, err := readKeyValues(filepath.Join(dir, "memory.events")); err == nil {
-		u.OOMKills = ev["oom_kill"]
-	}
 	return u, nil
 }
 
@@ -140,9 +135,6 @@ func readV1(base, path string) (Usage, error) {
 	u.MemoryRSS, u.MemoryCache = mem["total_rss"], mem["total_cache"]
 	if v, ok := mem["total_swap"]; ok {
 		u.MemorySwap, u.HasSwap = v, true
-	}
-	if oc, err := readKeyValues(filepath.Join(memDir, "memory.oom_control")); err == nil {
-		u.OOMKills = oc["oom_kill"]
 	}
 
 	acct := filepath.Join(base, "cpuacct", path)

@@ -40,8 +40,6 @@ func TestCgroupsV2_Read(t *testing.T) {
 		CPUSystem:        3 * time.Second,
 		ThrottledPeriods: 42,
 		ThrottledTime:    1234567 * time.Microsecond,
-
-		OOMKills: 2, // oom_kill, not oom
 	}, u)
 }
 
@@ -93,8 +91,6 @@ func TestCgroupsV1_Read(t *testing.T) {
 				CPUSystem:        3 * time.Second,
 				ThrottledPeriods: 7,
 				ThrottledTime:    987654321 * time.Nanosecond,
-
-				OOMKills: 5,
 			}, u)
 		})
 	}

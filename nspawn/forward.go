@@ -65,7 +65,7 @@ func ensureNAT(c *nftables.Conn, pools []netip.Prefix) (*natChains, error) {
 		// answer a loopback address.
 		c.AddRule(&nftables.Rule{Table: t, Chain: n.postrout, Exprs: concat(
 			matchFamily(unix.NFPROTO_IPV4), matchOifPrefix(vethHostPrefix),
-			matchPrefix(false, netip.MustParsePrefix("127.0.0.0/8")), []expr.Any{&expr.Masq{}})})
+			matchSource(netip.MustParsePrefix("127.0.0.0/8")), []expr.Any{&expr.Masq{}})})
 		// The machines' traffic to anywhere but another machine leaves with the host's address.
 		for _, p := range pools {
 			fam := byte(unix.NFPROTO_IPV4)
@@ -73,7 +73,7 @@ func ensureNAT(c *nftables.Conn, pools []netip.Prefix) (*natChains, error) {
 				fam = unix.NFPROTO_IPV6
 			}
 			c.AddRule(&nftables.Rule{Table: t, Chain: n.postrout, Exprs: concat(
-				matchFamily(fam), matchPrefix(false, p), notOifPrefix(vethHostPrefix), []expr.Any{&expr.Masq{}})})
+				matchFamily(fam), matchSource(p), notOifPrefix(vethHostPrefix), []expr.Any{&expr.Masq{}})})
 		}
 	}
 	return n, nil
@@ -217,14 +217,11 @@ func matchLocalDest() []expr.Any {
 	}
 }
 
-// matchPrefix matches the source (or, with dst, the destination) address against p.
-func matchPrefix(dst bool, p netip.Prefix) []expr.Any {
+// matchSource matches the source address against p.
+func matchSource(p netip.Prefix) []expr.Any {
 	off, size := uint32(12), uint32(4)
 	if p.Addr().Is6() {
 		off, size = 8, 16
-	}
-	if dst {
-		off += size
 	}
 	mask := make([]byte, size)
 	for i := 0; i < p.Bits(); i++ {

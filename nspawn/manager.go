@@ -63,7 +63,8 @@ func (m *Manager) md() (*machine1.Conn, error) {
 	return c, nil
 }
 
-// Close drops the bus connections.
+// Close drops the connection to systemd. go-systemd's machined client keeps its connection
+// private and cannot close it, so that one ends with the process.
 func (m *Manager) Close() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
