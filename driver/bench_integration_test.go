@@ -26,6 +26,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -82,7 +83,7 @@ func BenchmarkTimeToAddress(b *testing.B) {
 			must.NoError(b, err)
 			leader, err := d.mgr.Leader(machine)
 			must.NoError(b, err)
-			out, err := exec.Command("nsenter", "-t", strconv.Itoa(leader), "-n", "ip", "-o", "addr", "show", "dev", nspawn.GuestInterface).CombinedOutput()
+			out, err := exec.Command("nsenter", "-t", strconv.Itoa(leader), "-n", "ip", "-o", "addr", "show", "dev", hostnet.GuestInterface).CombinedOutput()
 			must.NoError(b, err, must.Sprint(string(out)))
 			must.StrContains(b, string(out), network.IP+"/30")
 			must.NoError(b, d.StopTask(task.ID, 30*time.Second, ""))

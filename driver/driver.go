@@ -26,7 +26,9 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers/fsisolation"
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
 	"github.com/nomad-nixos/nomad-driver-nixos/closure"
+	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -82,7 +84,7 @@ type Driver struct {
 	mu      sync.RWMutex
 	config  PluginConfig
 	compute cpustats.Compute
-	cgroups nspawn.Cgroups
+	cgroups cgroupfs.Cgroups
 	imp     *closure.Importer
 
 	// addrMu serialises address allocation.
@@ -124,7 +126,7 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 	if err := c.validate(); err != nil {
 		return fmt.Errorf("nixos-nspawn plugin config: %w", err)
 	}
-	cg, err := nspawn.DetectCgroups("/sys/fs/cgroup")
+	cg, err := cgroupfs.DetectCgroups("/sys/fs/cgroup")
 	if err != nil {
 		d.logger.Warn("cannot tell the cgroup mode", "error", err)
 	}
@@ -242,7 +244,7 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 	}
 	var link *machineLink
 	var network *drivers.DriverNetwork
-	if spec.Network.Veth != nil {
+	if spec.Network.VethHost != "" {
 		addr, err := d.allocateAddress(spec.Machine, pc.pools)
 		if err != nil {
 			return nil, nil, err
@@ -251,8 +253,7 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 		if err != nil {
 			return nil, nil, err
 		}
-		spec.Network.Veth.Addr = addr
-		link = &machineLink{veth: *spec.Network.Veth, forwards: fwds, pools: pc.pools.list()}
+		link = &machineLink{veth: hostnet.NewVeth(spec.Machine, addr), forwards: fwds, pools: pc.pools.list()}
 		network = driverNetwork(addr, portMap)
 	}
 	machineDir := filepath.Dir(spec.Root)
@@ -288,8 +289,8 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 
 // machineLink is the driver-made network of a veth machine.
 type machineLink struct {
-	veth     nspawn.Veth
-	forwards []nspawn.Forward
+	veth     hostnet.Veth
+	forwards []hostnet.Forward
 	pools    []netip.Prefix
 }
 
@@ -300,7 +301,7 @@ func (l *machineLink) describe() string {
 			addrs = append(addrs, p.Addr().String())
 		}
 	}
-	return fmt.Sprintf("machine address %s on %s (host side %s)", strings.Join(addrs, ", "), nspawn.GuestInterface, l.veth.Host)
+	return fmt.Sprintf("machine address %s on %s (host side %s)", strings.Join(addrs, ", "), hostnet.GuestInterface, l.veth.Host)
 }
 
 // launch prepares the root and starts the unit, returning once machined registered the machine or
@@ -314,7 +315,7 @@ func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspa
 	}
 	if link != nil {
 		if len(link.forwards) > 0 {
-			if err := nspawn.AddForwards(spec.Machine, link.pools, link.forwards); err != nil {
+			if err := hostnet.AddForwards(spec.Machine, link.pools, link.forwards); err != nil {
 				return nspawn.UnitStatus{}, err
 			}
 		}
@@ -590,10 +591,10 @@ func (d *Driver) removeMachine(ctx context.Context, machine, allocID string) err
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("removing %s: %w", dir, err)
 	}
-	if err := nspawn.DeleteVeth(nspawn.NewVeth(machine, nspawn.Addressing{}).Host); err != nil {
+	if err := hostnet.DeleteVeth(hostnet.NewVeth(machine, hostnet.Addressing{}).Host); err != nil {
 		return fmt.Errorf("removing the veth link of machine %s: %w", machine, err)
 	}
-	if err := nspawn.RemoveForwards(machine); err != nil {
+	if err := hostnet.RemoveForwards(machine); err != nil {
 		return fmt.Errorf("removing the port forwards of machine %s: %w", machine, err)
 	}
 	if im := d.importer(); im != nil {

@@ -23,6 +23,7 @@ import (
 	"github.com/shoenig/test/must"
 	"github.com/shoenig/test/wait"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -73,7 +74,7 @@ func TestExitCodes(t *testing.T) {
 				if err != nil {
 					return false
 				}
-				out, _ := exec.Command("nsenter", "-t", fmt.Sprint(leader), "-n", "ip", "-o", "addr", "show", "dev", nspawn.GuestInterface).Output()
+				out, _ := exec.Command("nsenter", "-t", fmt.Sprint(leader), "-n", "ip", "-o", "addr", "show", "dev", hostnet.GuestInterface).Output()
 				return strings.Contains(string(out), network.IP+"/30")
 			}),
 			wait.Timeout(10*time.Second), wait.Gap(100*time.Millisecond),

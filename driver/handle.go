@@ -13,6 +13,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/nomad/plugins/drivers"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
+	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -35,7 +37,7 @@ const (
 type taskHandle struct {
 	logger     hclog.Logger
 	mgr        *nspawn.Manager
-	cgroups    nspawn.Cgroups
+	cgroups    cgroupfs.Cgroups
 	journalctl string
 	emit       func(msg string, annotations map[string]string)
 
@@ -149,7 +151,7 @@ func (h *taskHandle) readdress(st nspawn.UnitStatus) {
 	if ok, _ := h.mgr.Registered(h.state.Machine); !ok {
 		return
 	}
-	veth := nspawn.NewVeth(h.state.Machine, h.state.Link.addressing())
+	veth := hostnet.NewVeth(h.state.Machine, h.state.Link.addressing())
 	leader, err := h.mgr.Leader(h.state.Machine)
 	if err == nil {
 		err = veth.ConfigureHost()
@@ -207,7 +209,7 @@ func (h *taskHandle) watchOOM(ctx context.Context, cgroup string) {
 		h.mu.Unlock()
 		h.emit("The OOM killer killed a process in the machine", map[string]string{"oom_kills": fmt.Sprint(kills)})
 	})
-	if err != nil && !nspawn.IsGone(err) {
+	if err != nil && !cgroupfs.IsGone(err) {
 		h.logger.Warn("cannot follow OOM kills of the machine", "cgroup", cgroup, "error", err)
 	}
 }

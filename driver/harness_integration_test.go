@@ -24,6 +24,7 @@ import (
 	"github.com/shoenig/test/must"
 	"github.com/shoenig/test/wait"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -264,7 +265,7 @@ func inventory(t *testing.T, dataDir string) []string {
 	for _, e := range entries {
 		out = append(out, "dir "+e.Name())
 	}
-	forwarded, err := nspawn.ForwardedMachines()
+	forwarded, err := hostnet.ForwardedMachines()
 	must.NoError(t, err)
 	for m := range forwarded {
 		out = append(out, "port forwards of "+m)

@@ -20,6 +20,7 @@ import (
 
 	"github.com/hashicorp/nomad/plugins/drivers"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -51,8 +52,7 @@ func machineNetwork(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions, pc P
 		return n, fmt.Errorf("ports = %q: ports are forwarded only with network_mode = %q and no host_bridge", tc.Ports, nspawn.NetworkVeth)
 	}
 	if n.Mode == nspawn.NetworkVeth && n.Bridge == "" {
-		v := nspawn.NewVeth(machine, nspawn.Addressing{})
-		n.Veth = &v
+		n.VethHost, n.VethGuest = hostnet.NewVeth(machine, hostnet.Addressing{}).Host, hostnet.GuestInterface
 	}
 	return n, nil
 }
@@ -103,8 +103,8 @@ func (p pools) slots() int {
 }
 
 // addressing is the link of slot i: the block's first address for the host, second for the guest.
-func (p pools) addressing(i int) nspawn.Addressing {
-	var a nspawn.Addressing
+func (p pools) addressing(i int) hostnet.Addressing {
+	var a hostnet.Addressing
 	block := func(q netip.Prefix, k int) netip.Prefix {
 		return netip.PrefixFrom(offset(q.Addr(), uint64(i)*4+uint64(k)), q.Addr().BitLen()-2)
 	}
@@ -128,7 +128,7 @@ func offset(a netip.Addr, n uint64) netip.Addr {
 
 // allocateAddress gives the machine the lowest free slot of the pools and records it in its
 // machine directory, where the directory's removal frees it.
-func (d *Driver) allocateAddress(machine string, p pools) (nspawn.Addressing, error) {
+func (d *Driver) allocateAddress(machine string, p pools) (hostnet.Addressing, error) {
 	d.addrMu.Lock()
 	defer d.addrMu.Unlock()
 	used := map[int]bool{}
@@ -146,18 +146,18 @@ func (d *Driver) allocateAddress(machine string, p pools) (nspawn.Addressing, er
 		}
 		dir := d.machineDir(machine)
 		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nspawn.Addressing{}, err
+			return hostnet.Addressing{}, err
 		}
 		if err := os.WriteFile(filepath.Join(dir, addressFile), []byte(strconv.Itoa(i)), 0o600); err != nil {
-			return nspawn.Addressing{}, err
+			return hostnet.Addressing{}, err
 		}
 		return p.addressing(i), nil
 	}
-	return nspawn.Addressing{}, fmt.Errorf("the address pools (%v) are used up by %d machines", p.list(), len(used))
+	return hostnet.Addressing{}, fmt.Errorf("the address pools (%v) are used up by %d machines", p.list(), len(used))
 }
 
 // forwards are the port forwards the task's ports list asks for, to the guest's addresses.
-func forwards(cfg *drivers.TaskConfig, labels []string, a nspawn.Addressing) ([]nspawn.Forward, map[string]int, error) {
+func forwards(cfg *drivers.TaskConfig, labels []string, a hostnet.Addressing) ([]hostnet.Forward, map[string]int, error) {
 	var have []string
 	byLabel := map[string][2]int{}
 	if cfg.Resources != nil && cfg.Resources.Ports != nil {
@@ -170,7 +170,7 @@ func forwards(cfg *drivers.TaskConfig, labels []string, a nspawn.Addressing) ([]
 			byLabel[p.Label] = [2]int{p.Value, to}
 		}
 	}
-	var out []nspawn.Forward
+	var out []hostnet.Forward
 	portMap := map[string]int{}
 	for i, l := range labels {
 		p, ok := byLabel[l]
@@ -186,7 +186,7 @@ func forwards(cfg *drivers.TaskConfig, labels []string, a nspawn.Addressing) ([]
 				continue
 			}
 			for _, proto := range []string{"tcp", "udp"} {
-				out = append(out, nspawn.Forward{Proto: proto, HostPort: uint16(p[0]), Guest: guest.Addr(), GuestPort: uint16(p[1])})
+				out = append(out, hostnet.Forward{Proto: proto, HostPort: uint16(p[0]), Guest: guest.Addr(), GuestPort: uint16(p[1])})
 			}
 		}
 	}
@@ -195,7 +195,7 @@ func forwards(cfg *drivers.TaskConfig, labels []string, a nspawn.Addressing) ([]
 
 // driverNetwork is what Nomad learns of the machine's network: its address, for services with
 // address_mode = "driver", and the ports inside it.
-func driverNetwork(a nspawn.Addressing, portMap map[string]int) *drivers.DriverNetwork {
+func driverNetwork(a hostnet.Addressing, portMap map[string]int) *drivers.DriverNetwork {
 	ip := a.GuestIPv4
 	if !ip.IsValid() {
 		ip = a.GuestIPv6
@@ -255,26 +255,26 @@ func (d *Driver) reconcileNetwork(ctx context.Context) {
 		st, err := d.mgr.Status(ctx, nspawn.UnitName(machine))
 		return err == nil && !st.Loaded()
 	}
-	links, err := nspawn.OwnedVeths()
+	links, err := hostnet.OwnedVeths()
 	if err != nil {
 		d.logger.Warn("listing veth links", "error", err)
 	}
 	for name, machine := range links {
 		if gone(machine) {
 			d.logger.Info("removing the veth link of a machine that is gone", "link", name, "machine", machine)
-			if err := nspawn.DeleteVeth(name); err != nil {
+			if err := hostnet.DeleteVeth(name); err != nil {
 				d.logger.Warn("removing veth link", "link", name, "error", err)
 			}
 		}
 	}
-	machines, err := nspawn.ForwardedMachines()
+	machines, err := hostnet.ForwardedMachines()
 	if err != nil {
 		d.logger.Warn("listing port forwards", "error", err)
 	}
 	for _, machine := range slices.Sorted(maps.Keys(machines)) {
 		if gone(machine) {
 			d.logger.Info("removing the port forwards of a machine that is gone", "machine", machine)
-			if err := nspawn.RemoveForwards(machine); err != nil {
+			if err := hostnet.RemoveForwards(machine); err != nil {
 				d.logger.Warn("removing port forwards", "machine", machine, "error", err)
 			}
 		}

@@ -23,6 +23,7 @@ import (
 	"github.com/shoenig/test/must"
 	"github.com/shoenig/test/wait"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -178,7 +179,7 @@ func TestVethAddressAndPorts(t *testing.T) {
 	guest4 := netip.MustParseAddr(network.IP)
 	must.True(t, guest4.Is4())
 	must.Eq(t, map[string]int{"http": 8080}, network.PortMap)
-	veth := nspawn.NewVeth(machineOf(t, cfg), nspawn.Addressing{})
+	veth := hostnet.NewVeth(machineOf(t, cfg), hostnet.Addressing{})
 
 	// Exec needs the guest's systemd up.
 	waitLog(t, cfg, "longrun: started", 2*time.Minute)
@@ -263,12 +264,12 @@ func TestNetworkReconciler(t *testing.T) {
 	gone := "nomad-deadbeef-gone"
 	p, err := parsePools("10.235.255.248/29", "fd35:6e78:6f73:ffff::/120")
 	must.NoError(t, err)
-	orphan := nspawn.NewVeth(gone, p.addressing(0))
+	orphan := hostnet.NewVeth(gone, p.addressing(0))
 	run(t, "ip", "link", "add", orphan.Host, "type", "veth", "peer", "name", "vg-gone0")
-	t.Cleanup(func() { _ = nspawn.DeleteVeth(orphan.Host) })
+	t.Cleanup(func() { _ = hostnet.DeleteVeth(orphan.Host) })
 	must.NoError(t, orphan.ConfigureHost())
-	must.NoError(t, nspawn.AddForwards(gone, p.list(), []nspawn.Forward{{Proto: "tcp", HostPort: uint16(freePort(t)), Guest: p.addressing(0).GuestIPv4.Addr(), GuestPort: 80}}))
-	t.Cleanup(func() { _ = nspawn.RemoveForwards(gone) })
+	must.NoError(t, hostnet.AddForwards(gone, p.list(), []hostnet.Forward{{Proto: "tcp", HostPort: uint16(freePort(t)), Guest: p.addressing(0).GuestIPv4.Addr(), GuestPort: 80}}))
+	t.Cleanup(func() { _ = hostnet.RemoveForwards(gone) })
 	foreign := "vn-notours0"
 	run(t, "ip", "link", "add", foreign, "type", "veth", "peer", "name", "vg-notours0")
 	t.Cleanup(func() { _ = exec.Command("ip", "link", "delete", foreign).Run() })
@@ -276,11 +277,11 @@ func TestNetworkReconciler(t *testing.T) {
 	newTestDriver(t, dataDir)
 	_, err = net.InterfaceByName(orphan.Host)
 	must.Error(t, err, must.Sprint("the orphan's link is removed"))
-	forwarded, err := nspawn.ForwardedMachines()
+	forwarded, err := hostnet.ForwardedMachines()
 	must.NoError(t, err)
 	must.False(t, forwarded[gone])
 	must.True(t, forwarded[alive])
-	_, err = net.InterfaceByName(nspawn.NewVeth(alive, nspawn.Addressing{}).Host)
+	_, err = net.InterfaceByName(hostnet.NewVeth(alive, hostnet.Addressing{}).Host)
 	must.NoError(t, err)
 	_, err = net.InterfaceByName(foreign)
 	must.NoError(t, err, must.Sprint("a link without the driver's mark is left alone"))

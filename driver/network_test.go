@@ -11,6 +11,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -54,8 +55,8 @@ func TestForwards(t *testing.T) {
 	must.Eq(t, map[string]int{"http": 80, "admin": 23457}, portMap)
 	// Each label: TCP and UDP, IPv4 and IPv6.
 	must.Len(t, 8, fwds)
-	must.Eq(t, nspawn.Forward{Proto: "tcp", HostPort: 23456, Guest: netip.MustParseAddr("10.235.0.2"), GuestPort: 80}, fwds[0])
-	must.Eq(t, nspawn.Forward{Proto: "udp", HostPort: 23457, Guest: netip.MustParseAddr("fd35:6e78:6f73::2"), GuestPort: 23457}, fwds[7])
+	must.Eq(t, hostnet.Forward{Proto: "tcp", HostPort: 23456, Guest: netip.MustParseAddr("10.235.0.2"), GuestPort: 80}, fwds[0])
+	must.Eq(t, hostnet.Forward{Proto: "udp", HostPort: 23457, Guest: netip.MustParseAddr("fd35:6e78:6f73::2"), GuestPort: 23457}, fwds[7])
 
 	_, _, err = forwards(cfg, []string{"http", "db"}, a)
 	must.ErrorContains(t, err, `ports[1] = "db": the allocation has no port of that label (it has: http, admin)`)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/nomad/plugins/drivers"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -41,7 +42,7 @@ func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOpti
 		Slice:         pc.Slice,
 		PrivateUsers:  o.privateUsers,
 		Env:           guestEnv(cfg.Env),
-		UnifiedCgroup: cgroupMode == nspawn.CgroupUnified,
+		UnifiedCgroup: cgroupMode == cgroupfs.CgroupUnified,
 		ReadyTimeout:  o.readyTimeout,
 		StopTimeout:   stopTimeout,
 		RebootPolicy:  o.rebootPolicy,

@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -171,7 +172,7 @@ func TestMachineOfTaskID_Invalid(t *testing.T) {
 
 func TestMachineSpec(t *testing.T) {
 	pc := validPluginConfig()
-	d := &Driver{config: pc, cgroups: nspawn.Cgroups{Base: "/sys/fs/cgroup", Mode: nspawn.CgroupUnified}}
+	d := &Driver{config: pc, cgroups: cgroupfs.Cgroups{Base: "/sys/fs/cgroup", Mode: cgroupfs.CgroupUnified}}
 	cfg := &drivers.TaskConfig{
 		ID:        testAllocID + "/web/abcd1234",
 		Name:      "web",
@@ -225,7 +226,7 @@ func TestMachineSpec(t *testing.T) {
 	must.NotEq(t, s.Machine, db.Machine)
 
 	// On cgroup v1 the guest gets no unified hierarchy forced on it.
-	d.cgroups.Mode = nspawn.CgroupHybrid
+	d.cgroups.Mode = cgroupfs.CgroupHybrid
 	hybrid, err := d.machineSpec(cfg, tc, o, testStore)
 	must.NoError(t, err)
 	must.False(t, hybrid.UnifiedCgroup)

@@ -7,7 +7,7 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
+	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 )
 
 // taskHandleVersion is the version of TaskState inside Nomad's task handles.
@@ -32,7 +32,7 @@ type LinkState struct {
 	HostIPv4, GuestIPv4, HostIPv6, GuestIPv6 string
 }
 
-func linkState(a nspawn.Addressing) *LinkState {
+func linkState(a hostnet.Addressing) *LinkState {
 	str := func(p netip.Prefix) string {
 		if !p.IsValid() {
 			return ""
@@ -42,10 +42,10 @@ func linkState(a nspawn.Addressing) *LinkState {
 	return &LinkState{str(a.HostIPv4), str(a.GuestIPv4), str(a.HostIPv6), str(a.GuestIPv6)}
 }
 
-func (l *LinkState) addressing() nspawn.Addressing {
+func (l *LinkState) addressing() hostnet.Addressing {
 	parse := func(s string) netip.Prefix {
 		p, _ := netip.ParsePrefix(s)
 		return p
 	}
-	return nspawn.Addressing{HostIPv4: parse(l.HostIPv4), GuestIPv4: parse(l.GuestIPv4), HostIPv6: parse(l.HostIPv6), GuestIPv6: parse(l.GuestIPv6)}
+	return hostnet.Addressing{HostIPv4: parse(l.HostIPv4), GuestIPv4: parse(l.GuestIPv4), HostIPv6: parse(l.HostIPv6), GuestIPv6: parse(l.GuestIPv6)}
 }

@@ -9,8 +9,7 @@ import (
 
 	"github.com/hashicorp/nomad/client/lib/cpustats"
 	"github.com/hashicorp/nomad/plugins/drivers"
-
-	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
+	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
 )
 
 // Measured names Nomad knows; it drops any other.
@@ -52,7 +51,7 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 			}
 			u, err := h.cgroups.Read(cg)
 			if err != nil {
-				if !nspawn.IsGone(err) {
+				if !cgroupfs.IsGone(err) {
 					h.logger.Debug("reading machine cgroup", "error", err)
 				}
 				continue
@@ -69,7 +68,7 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 	return ch, nil
 }
 
-func usage(u nspawn.Usage, total, user, system *cpustats.Tracker) *drivers.TaskResourceUsage {
+func usage(u cgroupfs.Usage, total, user, system *cpustats.Tracker) *drivers.TaskResourceUsage {
 	percent := total.Percent(float64(u.CPUTotal.Nanoseconds()))
 	mem := &drivers.MemoryStats{
 		RSS:      u.MemoryRSS,

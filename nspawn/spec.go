@@ -119,9 +119,9 @@ type Network struct {
 	Mode string
 	// Bridge, in veth mode, is an existing host bridge the host side of nspawn's veth joins.
 	Bridge string
-	// Veth, in veth mode, is the pair with the driver's names and addresses (see Veth); without
-	// it nspawn makes its own (ve-*, host0).
-	Veth *Veth
+	// VethHost and VethGuest, in veth mode, name the pair nspawn makes for the driver's own
+	// addressing; without them nspawn makes its own (ve-*, host0).
+	VethHost, VethGuest string
 }
 
 func (n Network) args() []string {
@@ -132,8 +132,8 @@ func (n Network) args() []string {
 		return []string{"--private-network"}
 	case n.Bridge != "":
 		return []string{"--network-bridge=" + n.Bridge}
-	case n.Veth != nil:
-		return []string{n.Veth.NspawnArg()}
+	case n.VethHost != "":
+		return []string{"--network-veth-extra=" + n.VethHost + ":" + n.VethGuest}
 	}
 	return []string{"--network-veth"}
 }

@@ -177,7 +177,7 @@ func TestSpecArgs_Network(t *testing.T) {
 	}{
 		{"veth by default", Network{}, []string{"--network-veth"}},
 		{"veth", Network{Mode: NetworkVeth}, []string{"--network-veth"}},
-		{"veth of the driver", Network{Mode: NetworkVeth, Veth: &Veth{Machine: "m", Host: "vn-0123456789ab"}}, []string{"--network-veth-extra=vn-0123456789ab:eth0"}},
+		{"veth of the driver", Network{Mode: NetworkVeth, VethHost: "vn-0123456789ab", VethGuest: "eth0"}, []string{"--network-veth-extra=vn-0123456789ab:eth0"}},
 		{"veth on a host bridge", Network{Mode: NetworkVeth, Bridge: "br0"}, []string{"--network-bridge=br0"}},
 		{"none", Network{Mode: NetworkNone}, []string{"--private-network"}},
 		{"host", Network{Mode: NetworkHost}, nil},

@@ -1,7 +1,10 @@
 // Copyright (c) The nomad-driver-nixos authors
 // SPDX-License-Identifier: MPL-2.0
 
-package nspawn
+// Package hostnet is the host side of machine networking: veth pairs with the driver's
+// addresses (netlink) and port forwards and masquerading (nftables). It knows nothing of Nomad
+// or nspawn.
+package hostnet
 
 import (
 	"crypto/sha256"
@@ -53,11 +56,6 @@ type Veth struct {
 func NewVeth(machine string, addr Addressing) Veth {
 	sum := sha256.Sum256([]byte(machine))
 	return Veth{Machine: machine, Host: vethHostPrefix + hex.EncodeToString(sum[:])[:12], Addr: addr}
-}
-
-// NspawnArg is the nspawn option that makes the pair.
-func (v Veth) NspawnArg() string {
-	return "--network-veth-extra=" + v.Host + ":" + GuestInterface
 }
 
 // ConfigureHost marks the host side as the driver's, gives it its addresses and brings it up.

@@ -1,7 +1,7 @@
 // Copyright (c) The nomad-driver-nixos authors
 // SPDX-License-Identifier: MPL-2.0
 
-package nspawn
+package cgroupfs
 
 import (
 	"context"

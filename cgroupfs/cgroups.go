@@ -1,7 +1,9 @@
 // Copyright (c) The nomad-driver-nixos authors
 // SPDX-License-Identifier: MPL-2.0
 
-package nspawn
+// Package cgroupfs reads a unit's usage from the cgroup file system (v1, hybrid and v2) and
+// follows its OOM kills. It knows nothing of Nomad or nspawn.
+package cgroupfs
 
 import (
 	"bufio"
