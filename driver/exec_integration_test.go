@@ -71,7 +71,7 @@ func TestExecExitCodesAndReasons(t *testing.T) {
 						must.Eq(t, "", string(res.Stdout))
 					} else {
 						// No stdin here: read gets end of file.
-						must.Eq(t, "out \n", string(res.Stdout))
+						must.Eq(t, "out\n", string(res.Stdout))
 						must.Eq(t, c.want.stderr, string(res.Stderr))
 					}
 				})
@@ -108,9 +108,9 @@ func TestExecExitCodesAndReasons(t *testing.T) {
 		must.Eq(t, "systemd\n", string(res.Stdout))
 	})
 	t.Run("the tinyinit guest's command runs in the machine", func(t *testing.T) {
-		code, stdout, stderr := streamExec(t, td, tiny.ID, []string{busyboxPath(t) + "/bin/cat", "/proc/1/comm"}, false, "")
+		code, stdout, stderr := streamExec(t, td, tiny.ID, []string{busyboxPath(t) + "/bin/busybox", "cat", "/proc/1/comm"}, false, "")
 		must.Eq(t, 0, code, must.Sprint(stderr))
-		must.Eq(t, "tinyinit\n", stdout)
+		must.Eq(t, "init\n", stdout)
 	})
 }
 

@@ -141,7 +141,7 @@ func TestExecWithoutSystemd(t *testing.T) {
 
 	code, stdout, stderr = allocExec(t, alloc.ID, "in\n", busybox(t)+"/bin/sh", "-c", "read -r x; echo out $x; cat /proc/1/comm; echo err >&2; exit 3")
 	must.Eq(t, 3, code, must.Sprintf("stdout %q, stderr %q", stdout, stderr))
-	must.Eq(t, "out in\ntinyinit\n", stdout)
+	must.Eq(t, "out in\ninit\n", stdout)
 	must.Eq(t, "err\n", stderr)
 
 	out, code := allocExecTTY(t, alloc.ID, "/no/such/cmd")

@@ -100,9 +100,13 @@ func Exec(ctx context.Context, tools ExecTools, machine string, leader int, o Ex
 		// systemd searches ExecSearchPath and keeps the name as argv[0], as execvp does.
 		path = o.Command[0]
 	}
-	args := []string{"--machine=" + machine, "--quiet", "--wait", "--collect", "--service-type=exec", "--pipe",
-		"--property=ExecSearchPath=" + guestPath, "--"}
-	cmd := exec.CommandContext(ctx, tools.SystemdRun, append(append(args, path), o.Command[1:]...)...)
+	args := []string{"--machine=" + machine, "--quiet", "--wait", "--collect", "--service-type=exec", "--pipe"}
+	// One directory per assignment: systemd-run 252 splits the value at blanks, later ones at colons.
+	for _, dir := range filepath.SplitList(guestPath) {
+		args = append(args, "--property=ExecSearchPath="+dir)
+	}
+	args = append(append(args, "--", path), o.Command[1:]...)
+	cmd := exec.CommandContext(ctx, tools.SystemdRun, args...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = o.Stdin, o.Stdout, o.Stderr
 	code, err := exitStatus(cmd.Run())
 	if err == nil && code >= systemdExitFirst && code <= systemdExitLast {
