@@ -107,6 +107,27 @@ func TestExecExitCodesAndReasons(t *testing.T) {
 		must.Eq(t, 0, res.ExitResult.ExitCode, must.Sprintf("stderr %q", res.Stderr))
 		must.Eq(t, "systemd\n", string(res.Stdout))
 	})
+	t.Run("a missing interpreter is 126 with its path", func(t *testing.T) {
+		for _, guest := range []struct {
+			cfg *drivers.TaskConfig
+			sh  string
+		}{{sysd, "/bin/sh"}, {tiny, busyboxPath(t) + "/bin/sh"}} {
+			res, err := td.ExecTask(guest.cfg.ID, []string{guest.sh, "-c", `printf '#!/no/such/interpreter\n' >/tmp/bad && chmod +x /tmp/bad`}, 30*time.Second)
+			must.NoError(t, err)
+			must.Eq(t, 0, res.ExitResult.ExitCode, must.Sprintf("stderr %q", res.Stderr))
+			res, err = td.ExecTask(guest.cfg.ID, []string{"/tmp/bad"}, 30*time.Second)
+			must.NoError(t, err)
+			must.Eq(t, 126, res.ExitResult.ExitCode)
+			must.StrContains(t, string(res.Stderr), "exec: /tmp/bad: bad interpreter /no/such/interpreter: no such file or directory")
+		}
+	})
+	t.Run("systemd's own codes pass with a note", func(t *testing.T) {
+		res, err := td.ExecTask(sysd.ID, []string{"/bin/sh", "-c", "echo err >&2; exit 203"}, 30*time.Second)
+		must.NoError(t, err)
+		must.Eq(t, 203, res.ExitResult.ExitCode)
+		must.StrHasPrefix(t, "err\n", string(res.Stderr))
+		must.StrContains(t, string(res.Stderr), "the command exited 203 itself, or systemd in machine")
+	})
 	t.Run("the tinyinit guest's command runs in the machine", func(t *testing.T) {
 		code, stdout, stderr := streamExec(t, td, tiny.ID, []string{busyboxPath(t) + "/bin/busybox", "cat", "/proc/1/comm"}, false, "")
 		must.Eq(t, 0, code, must.Sprint(stderr))
