@@ -72,6 +72,26 @@ func TestServiceJob(t *testing.T) {
 		must.StrContains(t, string(out), "37 91")
 	})
 
+	t.Run("exec says why a command cannot run", func(t *testing.T) {
+		for _, c := range []struct {
+			cmd    string
+			code   int
+			reason string
+		}{
+			{"/no/such/cmd", 127, "exec: /no/such/cmd: no such file or directory"},
+			{"/etc/passwd", 126, "exec: /etc/passwd: permission denied"},
+		} {
+			code, stdout, stderr := allocExec(t, alloc.ID, "", c.cmd)
+			must.Eq(t, c.code, code, must.Sprintf("stdout %q, stderr %q", stdout, stderr))
+			must.StrContains(t, stderr, c.reason)
+			must.Eq(t, "", stdout)
+
+			out, code := allocExecTTY(t, alloc.ID, c.cmd)
+			must.Eq(t, c.code, code, must.Sprint(out))
+			must.StrContains(t, out, c.reason)
+		}
+	})
+
 	t.Run("stats", func(t *testing.T) {
 		// Burn some CPU in the guest so there is something to see.
 		go func() {
@@ -106,6 +126,27 @@ func TestServiceJob(t *testing.T) {
 		a := waitAlloc(t, "e2e-service", time.Minute, "completion", func(a allocation) bool { return a.ClientStatus == "complete" })
 		must.True(t, hasEvent(a.TaskStates["t"], "Terminated", "Exit Code: 0"), must.Sprint(pretty(a.TaskStates["t"].Events)))
 	})
+}
+
+// Exec in a guest whose PID 1 is not systemd enters the machine's namespaces.
+func TestExecWithoutSystemd(t *testing.T) {
+	hcl := strings.Replace(job("e2e-exectiny", "service", tiny(t), nil, ""), "init_args = []", "init_args = []\n        store_view = \"host\"", 1)
+	runJob(t, "e2e-exectiny", hcl)
+	alloc := waitAlloc(t, "e2e-exectiny", time.Minute, "running", running)
+	waitOutput(t, 30*time.Second, "tinyinit: ready", func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out })
+
+	code, stdout, stderr := allocExec(t, alloc.ID, "", "/no/such/cmd")
+	must.Eq(t, 127, code, must.Sprintf("stdout %q, stderr %q", stdout, stderr))
+	must.StrContains(t, stderr, "exec: /no/such/cmd: no such file or directory")
+
+	code, stdout, stderr = allocExec(t, alloc.ID, "in\n", busybox(t)+"/bin/sh", "-c", "read -r x; echo out $x; cat /proc/1/comm; echo err >&2; exit 3")
+	must.Eq(t, 3, code, must.Sprintf("stdout %q, stderr %q", stdout, stderr))
+	must.Eq(t, "out in\ninit\n", stdout)
+	must.Eq(t, "err\n", stderr)
+
+	out, code := allocExecTTY(t, alloc.ID, "/no/such/cmd")
+	must.Eq(t, 127, code, must.Sprint(out))
+	must.StrContains(t, out, "exec: /no/such/cmd: no such file or directory")
 }
 
 func TestSignal(t *testing.T) {

@@ -10,12 +10,14 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -58,6 +60,49 @@ func nomadErr(args ...string) (string, error) {
 	cmd.Env = append(os.Environ(), "NOMAD_ADDR="+nomadAddr())
 	out, err := cmd.CombinedOutput()
 	return string(out), err
+}
+
+// allocExec runs `nomad alloc exec` without a TTY, with stdin, and returns the CLI's exit code and
+// its separate stdout and stderr.
+func allocExec(t *testing.T, allocID, stdin string, cmd ...string) (int, string, string) {
+	t.Helper()
+	c := exec.Command(filepath.Join(repoRoot, "build", "nomad"), append([]string{"alloc", "exec", "-i=" + strconv.FormatBool(stdin != ""), "-t=false", "-task", "t", allocID}, cmd...)...)
+	c.Env = append(os.Environ(), "NOMAD_ADDR="+nomadAddr())
+	c.Stdin = strings.NewReader(stdin)
+	var stdout, stderr bytes.Buffer
+	c.Stdout, c.Stderr = &stdout, &stderr
+	err := c.Run()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		t.Fatalf("nomad alloc exec: %v", err)
+	}
+	return c.ProcessState.ExitCode(), stdout.String(), stderr.String()
+}
+
+// allocExecTTY runs `nomad alloc exec -t` on the terminal a user would have (script gives it
+// one) and returns what the terminal showed and the exit code.
+func allocExecTTY(t *testing.T, allocID string, cmd string) (string, int) {
+	t.Helper()
+	c := exec.Command("script", "-qec", fmt.Sprintf("%s alloc exec -t -task t %s %s", filepath.Join(repoRoot, "build", "nomad"), allocID, cmd), "/dev/null")
+	c.Env = append(os.Environ(), "NOMAD_ADDR="+nomadAddr())
+	out, err := c.CombinedOutput()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		t.Fatalf("script: %v: %s", err, out)
+	}
+	return string(out), c.ProcessState.ExitCode()
+}
+
+// busybox is the fixtures' busybox store path, which the systemd fixture's init names in its
+// #! line.
+func busybox(t *testing.T) string {
+	t.Helper()
+	init, err := os.ReadFile(systemd(t) + "/init")
+	must.NoError(t, err)
+	line, _, _ := strings.Cut(string(init), "\n")
+	path, ok := strings.CutSuffix(strings.TrimPrefix(line, "#!"), "/bin/sh")
+	must.True(t, ok, must.Sprintf("the systemd fixture's init starts with %q", line))
+	return path
 }
 
 // host runs a command inside the systemd test host, where the agent and the machines run.

@@ -4,7 +4,7 @@
 package nspawn
 
 // Helper runs one of the commands this binary serves besides the plugin: the console forwarder
-// and the TTY session starter, which must run outside the plugin process. ok is false when args
+// and the exec session starter, which must run outside the plugin process. ok is false when args
 // name none of them.
 func Helper(args []string) (code int, ok bool) {
 	if len(args) == 0 {
@@ -13,8 +13,8 @@ func Helper(args []string) (code int, ok bool) {
 	switch args[0] {
 	case ConsoleCommand:
 		return ConsoleMain(args[1:]), true
-	case TTYCommand:
-		return TTYSessionMain(args[1:]), true
+	case SessionCommand:
+		return SessionMain(args[1:]), true
 	}
 	return 0, false
 }

@@ -15,7 +15,7 @@ import (
 )
 
 func main() {
-	// Each machine's console forwarder and TTY sessions are this binary too.
+	// Each machine's console forwarder and exec sessions are this binary too.
 	if code, ok := nspawn.Helper(os.Args[1:]); ok {
 		os.Exit(code)
 	}
