@@ -479,7 +479,7 @@ func (d *Driver) WaitTask(ctx context.Context, taskID string) (<-chan *drivers.E
 	return ch, nil
 }
 
-// StopTask ends the machine as the task's kill_signal says; the README's "Stopping" section is
+// StopTask ends the machine as the task's kill_signal says; the README's "Stopping a task" is
 // the contract. No kill_signal, SIGTERM or SIGINT is an orderly poweroff: SIGTERM to nspawn,
 // which sends SIGRTMIN+3 to the guest's PID 1. Any other signal is delivered once to the
 // guest's PID 1 and nothing else is sent: what it means is the guest's business. Either way the
