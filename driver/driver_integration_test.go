@@ -631,6 +631,20 @@ func waitLine(t *testing.T, cfg *drivers.TaskConfig, line string, n int) {
 	}
 }
 
+// Variables that cannot be given to the machine are named in a task event, not dropped silently.
+func TestLeftOutEnvironmentIsReported(t *testing.T) {
+	td := newTestDriver(t, "")
+	events, err := td.TaskEvents(context.Background())
+	must.NoError(t, err)
+	cfg := td.newTask(t, "leftout", tinyToplevel(t), []string{"env=NOMAD_META_team_name", "exit=0"}, func(c *drivers.TaskConfig, _ *TaskConfig) {
+		c.Env = map[string]string{"NOMAD_META_team.name": "infra", "NOMAD_META_team_name": "infra", "NOTIFY_SOCKET": "/x"}
+	})
+	td.start(t, cfg)
+	waitEvent(t, events, cfg.ID, `Environment variables not given to the machine: "NOMAD_META_team.name" (systemd takes only names of letters, digits and '_', not starting with a digit), "NOTIFY_SOCKET" (nspawn or the guest's systemd gives it a meaning of its own)`, 10*time.Second)
+	must.Eq(t, 0, td.waitExit(t, cfg.ID, time.Minute).ExitCode)
+	waitLine(t, cfg, "tinyinit env NOMAD_META_team_name=infra", 1)
+}
+
 // A toplevel with a trailing slash is the store path without it.
 func TestToplevelTrailingSlash(t *testing.T) {
 	td := newTestDriver(t, "")
