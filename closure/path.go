@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 	"github.com/nix-community/go-nix/pkg/storepath"
 )
 
@@ -33,12 +34,31 @@ type PathInfo struct {
 }
 
 // ParsePath checks that p is an absolute store path and returns its base name (<hash>-<name>).
+// The error says what is wrong with p.
 func ParsePath(p string) (string, error) {
-	// go-nix parses by offsets: it lets other store directories, longer hashes and trailing
-	// slashes through, so the path must also be what it parses to.
+	rest, inStore := strings.CutPrefix(p, StoreDir+"/")
+	switch {
+	case !inStore:
+		return "", fmt.Errorf("%q is not in %s: a store path is %s/<32-character hash>-<name>", p, StoreDir, StoreDir)
+	case path.Clean(p) != p:
+		return "", fmt.Errorf("%q is not a clean path: it has '.', '..', a repeated '/' or a trailing '/'", p)
+	}
+	name, below, _ := strings.Cut(rest, "/")
+	if below != "" {
+		return "", fmt.Errorf("%q is inside the store path %s/%s, not a store path itself", p, StoreDir, name)
+	}
+	// go-nix's parser goes by offsets and lets longer hashes and other characters through;
+	// its pattern is strict.
+	if !storepath.PathRe.MatchString(p) {
+		hash, _, dash := strings.Cut(name, "-")
+		if !dash || len(hash) != nixbase32.EncodedLen(storepath.PathHashSize) || nixbase32.ValidateString(hash) != nil {
+			return "", fmt.Errorf("%q is not a store path: its name %q must start with a 32-character Nix base32 hash and '-'", p, name)
+		}
+		return "", fmt.Errorf("%q is not a store path: the name after the hash must be one or more letters, digits and '+-._?=', not starting with '.'", p)
+	}
 	sp, err := storepath.FromAbsolutePath(p)
-	if err != nil || sp.Absolute() != p {
-		return "", fmt.Errorf("%q is not a Nix store path like %s/<32-character hash>-<name>", p, StoreDir)
+	if err != nil {
+		return "", fmt.Errorf("%q is not a store path: %w", p, err)
 	}
 	return sp.String(), nil
 }

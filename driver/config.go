@@ -5,6 +5,8 @@ package driver
 
 import (
 	"fmt"
+	"io/fs"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -210,9 +212,11 @@ type taskOptions struct {
 // validate checks the task config; it runs after Nomad's interpolation, so it sees the values
 // the machine would get.
 func (c *TaskConfig) validate() (taskOptions, error) {
-	if err := validateToplevel(c.Toplevel); err != nil {
+	toplevel, err := validateToplevel(c.Toplevel)
+	if err != nil {
 		return taskOptions{}, err
 	}
+	c.Toplevel = toplevel
 	return c.options()
 }
 
@@ -279,13 +283,26 @@ func (c *TaskConfig) options() (taskOptions, error) {
 	return o, nil
 }
 
-// validateToplevel checks that path is a store path; whether it is a NixOS system for containers
-// is checked once it is in the store.
-func validateToplevel(path string) error {
-	if _, err := closure.ParsePath(path); err != nil {
-		return fmt.Errorf("toplevel = %q: must be a Nix store path like /nix/store/<32-character hash>-nixos-system-<name>", path)
+// validateToplevel checks that p is a store path and returns it without trailing slashes; whether
+// it is a NixOS system for containers is checked once it is in the store. A link (a profile, a
+// result link) is refused, not followed: it could point elsewhere by the time the machine
+// restarts, and the task would no longer say what it runs.
+func validateToplevel(p string) (string, error) {
+	clean := p
+	if trimmed := strings.TrimRight(p, "/"); trimmed != "" {
+		clean = trimmed
 	}
-	return nil
+	if _, err := closure.ParsePath(clean); err != nil {
+		if fi, lerr := os.Lstat(clean); lerr == nil && fi.Mode()&fs.ModeSymlink != 0 {
+			target := ""
+			if t, err := filepath.EvalSymlinks(clean); err == nil {
+				target = ", here " + t
+			}
+			return "", fmt.Errorf("toplevel = %q: a symbolic link, and the driver does not follow links; give the store path it points to, as `readlink -f %s` prints it%s", p, clean, target)
+		}
+		return "", fmt.Errorf("toplevel = %q: must be a Nix store path: %w", p, err)
+	}
+	return clean, nil
 }
 
 // taskDirPath says whether p names something inside the task directory.

@@ -138,7 +138,6 @@ func TestValidateToplevel_Pattern(t *testing.T) {
 		"/nix/store/" + hash,
 		"/nix/store/" + hash + "-",
 		"nix/store/" + hash + "-nixos-system-web",
-		"/nix/store/" + hash + "-nixos-system-web/",
 		"/nix/store/" + hash + "-nixos-system-web/..",
 		"/nix/store/" + hash + "-nixos-system-web/../../../etc",
 		"/nix/store/../../etc/" + hash + "-x",
@@ -159,21 +158,51 @@ func TestValidateToplevel_Pattern(t *testing.T) {
 		"/gnu/store/" + hash + "-nixos-system-web",
 	} {
 		t.Run(fmt.Sprintf("%q", p), func(t *testing.T) {
-			err := validateToplevel(p)
+			_, err := validateToplevel(p)
 			mustNameField(t, err, "toplevel = ", fmt.Sprintf("%q", p))
 			must.StrContains(t, err.Error(), "must be a Nix store path")
 		})
 	}
 }
 
-// A well-formed store path passes; whether it is a NixOS system is checked once it is in the store.
+// A well-formed store path passes, without trailing slashes; whether it is a NixOS system is
+// checked once it is in the store.
 func TestValidateToplevel_WellFormed(t *testing.T) {
-	for _, p := range []string{
-		absentToplevel,
-		"/nix/store/abcdfghijklmnpqrsvwxyz0123456789-nixos-system-x_1.2+3?=",
+	for p, want := range map[string]string{
+		absentToplevel:        absentToplevel,
+		absentToplevel + "/":  absentToplevel,
+		absentToplevel + "//": absentToplevel,
+		"/nix/store/abcdfghijklmnpqrsvwxyz0123456789-nixos-system-x_1.2+3?=": "/nix/store/abcdfghijklmnpqrsvwxyz0123456789-nixos-system-x_1.2+3?=",
 	} {
-		must.NoError(t, validateToplevel(p))
+		got, err := validateToplevel(p)
+		must.NoError(t, err)
+		must.EqOp(t, want, got)
 	}
+	tc := validTaskConfig()
+	tc.Toplevel = absentToplevel + "/"
+	_, err := tc.validate()
+	must.NoError(t, err)
+	must.EqOp(t, absentToplevel, tc.Toplevel)
+}
+
+// A link (a profile, a result link) is refused with what to give instead; other paths say why
+// they are not store paths.
+func TestValidateToplevel_Explained(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "system")
+	must.NoError(t, os.Mkdir(target, 0o755))
+	link := filepath.Join(dir, "web")
+	must.NoError(t, os.Symlink(target, link))
+	for _, p := range []string{link, link + "/"} {
+		_, err := validateToplevel(p)
+		must.ErrorContains(t, err, fmt.Sprintf("toplevel = %q: a symbolic link, and the driver does not follow links; give the store path it points to, as `readlink -f %s` prints it, here %s", p, link, target))
+	}
+	_, err := validateToplevel("/nix/var/nix/profiles/does-not-exist")
+	must.ErrorContains(t, err, `toplevel = "/nix/var/nix/profiles/does-not-exist": must be a Nix store path: "/nix/var/nix/profiles/does-not-exist" is not in /nix/store`)
+	_, err = validateToplevel(absentToplevel + "/sw")
+	must.ErrorContains(t, err, "is inside the store path "+absentToplevel+", not a store path itself")
+	_, err = validateToplevel("/nix/store/0c7hkqjx3pb2xvdm0ncvb8hgxwqbb1p-web")
+	must.ErrorContains(t, err, "must start with a 32-character Nix base32 hash")
 }
 
 func validTaskConfig() TaskConfig {

@@ -242,6 +242,11 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 	if err != nil {
 		return nil, nil, err
 	}
+	if left := leftOutEnv(cfg.Env); len(left) > 0 {
+		msg := "Environment variables not given to the machine: " + strings.Join(left, ", ")
+		d.logger.Warn(msg, "task_id", cfg.ID)
+		d.emitter(cfg)(msg, nil)
+	}
 	var link *machineLink
 	var network *drivers.DriverNetwork
 	if spec.Network.VethHost != "" {
@@ -475,9 +480,11 @@ func (d *Driver) WaitTask(ctx context.Context, taskID string) (<-chan *drivers.E
 	return ch, nil
 }
 
-// StopTask shuts the guest down in order (SIGTERM to nspawn, which sends SIGRTMIN+3 to the
-// guest's PID 1) and kills the machine if it is still there after timeout. A kill_signal other
-// than SIGTERM or SIGINT is delivered to the guest's PID 1 instead of the orderly shutdown.
+// StopTask ends the machine as the task's kill_signal says; the README's "Stopping a task" is
+// the contract. No kill_signal, SIGTERM or SIGINT is an orderly poweroff: SIGTERM to nspawn,
+// which sends SIGRTMIN+3 to the guest's PID 1. Any other signal is delivered once to the
+// guest's PID 1 and nothing else is sent: what it means is the guest's business. Either way the
+// machine is killed if it still runs after timeout.
 func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) error {
 	h, ok := d.tasks.get(taskID)
 	if !ok {
@@ -487,30 +494,36 @@ func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) e
 		return nil
 	}
 	ctx := d.ctx
+	// PID 1 ignores signals it has no handler for, and a guest that is still booting (NixOS
+	// stage 2, or systemd before it set up its handlers) may not have one yet, even when it
+	// reports READY=1 right after: the poweroff is repeated. A guest already shutting down
+	// ignores the repeats. A custom signal is not repeated: its handler need not be idempotent.
+	var resend <-chan time.Time
 	switch signal {
 	case "", "SIGTERM", "SIGINT":
 		if err := d.mgr.Kill(ctx, h.state.Unit, false, syscall.SIGTERM); err != nil {
 			return fmt.Errorf("stopping machine %s: %w", h.state.Machine, err)
 		}
+		ticker := time.NewTicker(stopResendInterval)
+		defer ticker.Stop()
+		resend = ticker.C
 	default:
 		if err := d.SignalTask(taskID, signal); err != nil {
-			return err
+			if !h.running() {
+				return nil
+			}
+			return fmt.Errorf("stopping machine %s with kill_signal %s: %w", h.state.Machine, signal, err)
 		}
+		h.logger.Info("sent the kill signal to the guest's PID 1", "signal", signal, "timeout", timeout)
 	}
-	// PID 1 ignores signals it has no handler for, and a guest that is still booting (NixOS
-	// stage 2, or systemd before it set up its handlers) may not have one yet, even when it
-	// reports READY=1 right after: repeat the shutdown signal. A guest already shutting down
-	// ignores the repeats.
 	deadline := time.After(timeout)
-	resend := time.NewTicker(stopResendInterval)
-	defer resend.Stop()
 	for stopped := false; !stopped; {
 		select {
 		case <-h.doneCh:
 			return nil
 		case <-deadline:
 			stopped = true
-		case <-resend.C:
+		case <-resend:
 			if leader, err := d.mgr.Leader(h.state.Machine); err == nil {
 				_ = syscall.Kill(leader, nspawn.SignalShutdown)
 			}

@@ -167,6 +167,64 @@ func TestStop(t *testing.T) {
 	})
 }
 
+// The stopping contract (README, "Stopping a task"): no kill_signal, SIGTERM and SIGINT are an
+// orderly poweroff; any other signal reaches the guest's PID 1 alone, and the kill follows only
+// after kill_timeout.
+func TestStopContract(t *testing.T) {
+	td := newTestDriver(t, "")
+	for _, tc := range []struct {
+		name   string
+		signal string
+		args   []string
+	}{
+		{"no kill_signal", "", nil},
+		{"SIGTERM", "SIGTERM", nil},
+		{"SIGINT", "SIGINT", nil},
+		{"no kill_signal before READY", "", []string{"ready=no"}},
+	} {
+		t.Run(tc.name+" powers off", func(t *testing.T) {
+			// The line is printed once PID 1 has its signal handlers.
+			cfg := td.newTask(t, "off", tinyToplevel(t), append(tc.args, "print=handlers-set"))
+			td.start(t, cfg)
+			waitLog(t, cfg, "handlers-set", 30*time.Second)
+			must.NoError(t, td.StopTask(cfg.ID, 30*time.Second, tc.signal))
+			res := td.waitExit(t, cfg.ID, time.Minute)
+			must.NoError(t, res.Err)
+			must.Eq(t, 0, res.ExitCode)
+			waitLog(t, cfg, "tinyinit: poweroff", 5*time.Second)
+			must.StrNotContains(t, logs(t, cfg), "got signal")
+		})
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"after READY", nil},
+		{"before READY", []string{"ready=no"}},
+	} {
+		t.Run("SIGUSR1 "+tc.name+" is that signal, then the kill after kill_timeout", func(t *testing.T) {
+			cfg := td.newTask(t, "usr1", tinyToplevel(t), append(tc.args, "print=handlers-set"))
+			td.start(t, cfg)
+			waitLog(t, cfg, "handlers-set", 30*time.Second)
+			const timeout = 3 * time.Second
+			began := time.Now()
+			stopped := make(chan error, 1)
+			go func() { stopped <- td.StopTask(cfg.ID, timeout, "SIGUSR1") }()
+			waitLog(t, cfg, "tinyinit: got signal SIGUSR1", 5*time.Second)
+			time.Sleep(time.Until(began.Add(timeout / 2)))
+			status, err := td.InspectTask(cfg.ID)
+			must.NoError(t, err)
+			must.Eq(t, drivers.TaskStateRunning, status.State, must.Sprintf("the machine ended before kill_timeout:\n%s", logs(t, cfg)))
+			must.NoError(t, <-stopped)
+			must.GreaterEq(t, timeout, time.Since(began))
+			res := td.waitExit(t, cfg.ID, time.Minute)
+			must.Eq(t, int(syscall.SIGKILL), res.Signal, must.Sprintf("exit %+v\n%s", res, logs(t, cfg)))
+			must.StrNotContains(t, logs(t, cfg), "tinyinit: poweroff")
+			must.EqOp(t, 1, strings.Count(logs(t, cfg), "got signal SIGUSR1"))
+		})
+	}
+}
+
 func TestOOMKilled(t *testing.T) {
 	td := newTestDriver(t, "")
 	events, err := td.TaskEvents(context.Background())
@@ -481,7 +539,8 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 		name, toplevel, want string
 		args                 []string
 	}{
-		{"not a store path", "/etc", `toplevel = "/etc": must be a Nix store path`, nil},
+		{"not a store path", "/etc", `toplevel = "/etc": must be a Nix store path: "/etc" is not in /nix/store`, nil},
+		{"a profile link", "", "a symbolic link, and the driver does not follow links; give the store path it points to, as `readlink -f", nil},
 		{"missing", "/nix/store/00000000000000000000000000000000-nixos-system-gone", "is not in the host's Nix store and the host's Nix could not realise it", nil},
 		{"has a kernel", "", "has a kernel", nil},
 		{"a volume mount", "", "does not support volume_mount, mount or device blocks", nil},
@@ -493,6 +552,9 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 				toplevel = fixture(t, "NIXOS_NSPAWN_KERNEL_TOPLEVEL")
 			case "a volume mount":
 				toplevel = tinyToplevel(t)
+			case "a profile link":
+				toplevel = filepath.Join(t.TempDir(), "web")
+				must.NoError(t, os.Symlink(tinyToplevel(t), toplevel))
 			}
 			cfg := td.newTask(t, "bad", toplevel, tc.args)
 			if tc.name == "a volume mount" {
@@ -503,6 +565,96 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 			must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
 		})
 	}
+}
+
+// Init args and environment values reach the guest byte for byte: systemd expands neither $
+// nor %, and journald takes no "<4>" at the start of a console line for a log level.
+func TestArgsAndEnvByteForByte(t *testing.T) {
+	td := newTestDriver(t, "")
+	words := []string{"$X", "${X}", "$PATH", "${PATH}", "D:$$", "%n", "%%", "%i %H", `end\`, `\$X`, "$(touch /tmp/x)", "'$X' \"$X\""}
+	cfg := td.newTask(t, "dollar", tinyToplevel(t), wordArgs(words, "print=<4>not a log level", "env=SECRET", "env=PLAIN", "exit=0"), func(c *drivers.TaskConfig, _ *TaskConfig) {
+		c.Env = map[string]string{"SECRET": "pa$$word ${X} %n \\", "PLAIN": "$PATH"}
+	})
+	td.start(t, cfg)
+	res := td.waitExit(t, cfg.ID, time.Minute)
+	must.Eq(t, 0, res.ExitCode)
+	want := append(wordLines(words), "<4>not a log level", "tinyinit env SECRET=pa$$word ${X} %n \\", "tinyinit env PLAIN=$PATH")
+	for _, w := range want {
+		waitLine(t, cfg, w, 1)
+	}
+}
+
+// A unit whose command systemd may keep as ExecStart= survives a daemon-reload, which rewrites
+// it from the unit file: an in-place reboot afterwards runs the same command, specifiers and all.
+func TestArgsSurviveDaemonReload(t *testing.T) {
+	td := newTestDriver(t, "")
+	words := []string{"%n", "%%", "%i %H", `a\b`, "'q' \"qq\""}
+	cfg := td.newTask(t, "reload", tinyToplevel(t), wordArgs(words, "reboot-once", "sleep=3s"), func(_ *drivers.TaskConfig, tc *TaskConfig) {
+		tc.RebootPolicy = string(nspawn.RebootRestart)
+	})
+	td.start(t, cfg)
+	waitLog(t, cfg, "tinyinit: ready", 30*time.Second)
+	run(t, "systemctl", "daemon-reload")
+	for _, w := range wordLines(words) {
+		waitLine(t, cfg, w, 2)
+	}
+	must.NoError(t, td.StopTask(cfg.ID, 30*time.Second, ""))
+	td.waitExit(t, cfg.ID, time.Minute)
+}
+
+// wordArgs makes tinyinit print each word on a line of its own, numbered, then applies settings.
+func wordArgs(words []string, settings ...string) []string {
+	var args []string
+	for i, w := range words {
+		args = append(args, fmt.Sprintf("print=[%d]%s", i, w))
+	}
+	return append(args, settings...)
+}
+
+func wordLines(words []string) []string {
+	var lines []string
+	for i, w := range words {
+		lines = append(lines, fmt.Sprintf("[%d]%s", i, w))
+	}
+	return lines
+}
+
+// waitLine waits until the task's log has the line exactly n times.
+func waitLine(t *testing.T, cfg *drivers.TaskConfig, line string, n int) {
+	t.Helper()
+	count := func() int { return strings.Count("\n"+logs(t, cfg), "\n"+line+"\n") }
+	err := wait.InitialSuccess(
+		wait.BoolFunc(func() bool { return count() == n }),
+		wait.Timeout(30*time.Second), wait.Gap(100*time.Millisecond),
+	).Run()
+	if err != nil {
+		t.Fatalf("log of %s has the line %q %d times, not %d:\n%s", cfg.Name, line, count(), n, logs(t, cfg))
+	}
+}
+
+// Variables that cannot be given to the machine are named in a task event, not dropped silently.
+func TestLeftOutEnvironmentIsReported(t *testing.T) {
+	td := newTestDriver(t, "")
+	events, err := td.TaskEvents(context.Background())
+	must.NoError(t, err)
+	cfg := td.newTask(t, "leftout", tinyToplevel(t), []string{"env=NOMAD_META_team_name", "exit=0"}, func(c *drivers.TaskConfig, _ *TaskConfig) {
+		c.Env = map[string]string{"NOMAD_META_team.name": "infra", "NOMAD_META_team_name": "infra", "NOTIFY_SOCKET": "/x"}
+	})
+	td.start(t, cfg)
+	waitEvent(t, events, cfg.ID, `Environment variables not given to the machine: "NOMAD_META_team.name" (systemd takes only names of letters, digits and '_', not starting with a digit), "NOTIFY_SOCKET" (nspawn or the guest's systemd gives it a meaning of its own)`, 10*time.Second)
+	must.Eq(t, 0, td.waitExit(t, cfg.ID, time.Minute).ExitCode)
+	waitLine(t, cfg, "tinyinit env NOMAD_META_team_name=infra", 1)
+}
+
+// A toplevel with a trailing slash is the store path without it.
+func TestToplevelTrailingSlash(t *testing.T) {
+	td := newTestDriver(t, "")
+	cfg := td.newTask(t, "slash", tinyToplevel(t)+"/", []string{"print=slash-ok", "exit=0"})
+	td.start(t, cfg)
+	res := td.waitExit(t, cfg.ID, time.Minute)
+	must.NoError(t, res.Err)
+	must.Eq(t, 0, res.ExitCode)
+	waitLog(t, cfg, "slash-ok", 5*time.Second)
 }
 
 // Many tasks at once share the driver's bus connection, which no single call may close.

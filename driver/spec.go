@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"path/filepath"
+	"sort"
 	"strings"
 
 	"github.com/hashicorp/nomad/plugins/drivers"
@@ -68,16 +69,40 @@ func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOpti
 	return s, nil
 }
 
-// guestEnv is the task environment PID 1 gets, without names systemd rejects or gives a meaning.
+// guestEnv is the task environment PID 1 gets: all of it but the names leftOutEnv reports.
 func guestEnv(env map[string]string) map[string]string {
 	out := make(map[string]string, len(env))
 	for k, v := range env {
-		if !nspawn.ValidEnvName(k) || strings.ContainsRune(v, 0) || isReservedEnv(k) {
-			continue
+		if envLeftOut(k) == "" {
+			out[k] = v
 		}
-		out[k] = v
 	}
 	return out
+}
+
+// leftOutEnv lists the variables guestEnv leaves out, each with the reason, for a task event:
+// Nomad itself makes names such as NOMAD_META_<key> with the key's dots and dashes, so
+// refusing the task for them would refuse any job with such a meta key.
+func leftOutEnv(env map[string]string) []string {
+	var out []string
+	for k := range env {
+		if why := envLeftOut(k); why != "" {
+			out = append(out, fmt.Sprintf("%q (%s)", k, why))
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// envLeftOut says why the variable name cannot be given to the guest, or "" if it can.
+func envLeftOut(name string) string {
+	if !nspawn.ValidEnvName(name) {
+		return "systemd takes only names of letters, digits and '_', not starting with a digit"
+	}
+	if isReservedEnv(name) {
+		return "nspawn or the guest's systemd gives it a meaning of its own"
+	}
+	return ""
 }
 
 func isReservedEnv(name string) bool {

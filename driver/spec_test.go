@@ -110,7 +110,7 @@ func TestResources_Cpuset(t *testing.T) {
 }
 
 func TestGuestEnv(t *testing.T) {
-	got := guestEnv(map[string]string{
+	env := map[string]string{
 		"NOMAD_TASK_NAME":       "web",
 		"NOMAD_ALLOC_ID":        testAllocID,
 		"PATH":                  "/bin",
@@ -130,9 +130,9 @@ func TestGuestEnv(t *testing.T) {
 		"BAD-NAME":              "x",
 		"meta.with.dots":        "x",
 		"":                      "x",
-		"NUL_VALUE":             "a\x00b",
 		"NOMAD_META_owner_team": "infra",
-	})
+	}
+	got := guestEnv(env)
 	must.Eq(t, map[string]string{
 		"NOMAD_TASK_NAME":       "web",
 		"NOMAD_ALLOC_ID":        testAllocID,
@@ -143,7 +143,42 @@ func TestGuestEnv(t *testing.T) {
 		"EMPTY":                 "",
 		"NOMAD_META_owner_team": "infra",
 	}, got)
+	// Nothing is left out without saying so.
+	left := leftOutEnv(env)
+	must.Eq(t, []string{
+		`"" (systemd takes only names of letters, digits and '_', not starting with a digit)`,
+		`"1BAD" (systemd takes only names of letters, digits and '_', not starting with a digit)`,
+		`"BAD-NAME" (systemd takes only names of letters, digits and '_', not starting with a digit)`,
+		`"LISTEN_FDS" (nspawn or the guest's systemd gives it a meaning of its own)`,
+		`"LISTEN_PID" (nspawn or the guest's systemd gives it a meaning of its own)`,
+		`"NOTIFY_SOCKET" (nspawn or the guest's systemd gives it a meaning of its own)`,
+		`"SYSTEMD_LOG_LEVEL" (nspawn or the guest's systemd gives it a meaning of its own)`,
+		`"SYSTEMD_X" (nspawn or the guest's systemd gives it a meaning of its own)`,
+		`"container" (nspawn or the guest's systemd gives it a meaning of its own)`,
+		`"container_host_id" (nspawn or the guest's systemd gives it a meaning of its own)`,
+		`"container_uuid" (nspawn or the guest's systemd gives it a meaning of its own)`,
+		`"meta.with.dots" (systemd takes only names of letters, digits and '_', not starting with a digit)`,
+	}, left)
+	must.EqOp(t, len(env), len(got)+len(left))
 	must.MapEmpty(t, guestEnv(nil))
+	must.SliceEmpty(t, leftOutEnv(nil))
+}
+
+// A value systemd cannot carry fails the task, naming the variable, instead of being dropped.
+func TestMachineSpec_EnvValueRefused(t *testing.T) {
+	d := &Driver{config: validPluginConfig()}
+	cfg := &drivers.TaskConfig{ID: testAllocID + "/web/abcd1234", Name: "web", AllocID: testAllocID, AllocDir: "/var/lib/nomad/alloc/" + testAllocID, Resources: nomadResources(256, 0, 1024)}
+	tc := &TaskConfig{Toplevel: absentToplevel}
+	o := taskOptions{readyTimeout: time.Minute, privateUsers: "pick", rebootPolicy: nspawn.RebootExit}
+	for _, v := range []string{"a\x00b", "a\xffb"} {
+		cfg.Env = map[string]string{"BAD": v}
+		_, err := d.machineSpec(cfg, tc, o, testStore)
+		must.ErrorContains(t, err, `environment variable "BAD"`)
+	}
+	cfg.Env = map[string]string{"SECRET": "pa$$word ${X} %n \\"}
+	s, err := d.machineSpec(cfg, tc, o, testStore)
+	must.NoError(t, err)
+	must.EqOp(t, "pa$$word ${X} %n \\", s.Env["SECRET"])
 }
 
 func TestMachineOfTaskID(t *testing.T) {

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode/utf8"
 )
 
 // RebootPolicy says what a guest reboot (nspawn exit status 133) means.
@@ -221,14 +222,19 @@ func (s *Spec) Validate() error {
 			}
 		}
 	}
+	// The command line travels to systemd over D-Bus, whose strings are UTF-8 without NUL;
+	// nspawn refuses --setenv names that are not shell variable names.
 	for k, v := range s.Env {
-		if strings.ContainsAny(v, "\x00") || strings.ContainsAny(k, "=\x00") {
-			return fmt.Errorf("environment variable %q cannot be passed to the machine", k)
+		if !ValidEnvName(k) {
+			return fmt.Errorf("environment variable %q: a name must be letters, digits and '_', not starting with a digit", k)
+		}
+		if strings.ContainsRune(v, 0) || !utf8.ValidString(v) {
+			return fmt.Errorf("environment variable %q = %q: the value must be UTF-8 text without NUL bytes", k, v)
 		}
 	}
-	for _, a := range s.InitArgs {
-		if strings.ContainsRune(a, 0) {
-			return fmt.Errorf("init argument %q contains a NUL byte", a)
+	for i, a := range s.InitArgs {
+		if strings.ContainsRune(a, 0) || !utf8.ValidString(a) {
+			return fmt.Errorf("init argument %d = %q: must be UTF-8 text without NUL bytes", i, a)
 		}
 	}
 	return nil

@@ -146,6 +146,13 @@ func TestSpecValidate(t *testing.T) {
 		{"NUL in env name", func(s *Spec) { s.Env["B\x00AD"] = "x" }, `"B\x00AD"`},
 		{"= in env name", func(s *Spec) { s.Env["B=AD"] = "x" }, `"B=AD"`},
 		{"NUL in init arg", func(s *Spec) { s.InitArgs = append(s.InitArgs, "a\x00b") }, `"a\x00b"`},
+		{"dash in env name", func(s *Spec) { s.Env["NOMAD_META_a-b"] = "x" }, `"NOMAD_META_a-b"`},
+		{"invalid UTF-8 in env value", func(s *Spec) { s.Env["BAD"] = "x\xffy" }, `"BAD" = "x\xffy"`},
+		{"invalid UTF-8 in init arg", func(s *Spec) { s.InitArgs = append(s.InitArgs, "a\xffb") }, `init argument 2 = "a\xffb"`},
+		{"dollars, percents and backslashes pass", func(s *Spec) {
+			s.InitArgs = append(s.InitArgs, "$X", "${X}", "$$", "%n", "%%", `end\`, "$(touch /tmp/x)")
+			s.Env["SECRET"] = "pa$$word%n\\"
+		}, ""},
 		{"no store dir", func(s *Spec) { s.Store.Dir = "" }, "store directory"},
 		{"colon in store dir", func(s *Spec) { s.Store.Dir = "/a:b" }, `"/a:b"`},
 		{"store path with slash", func(s *Spec) { s.Store.Paths[0] = "../etc" }, `"../etc"`},

@@ -28,6 +28,13 @@ type execCommand struct {
 	UncleanIsFailure bool
 }
 
+// execCommandEx is an entry of ExecStartEx: ExecStart with flags (systemd 243 and later).
+type execCommandEx struct {
+	Path  string
+	Args  []string
+	Flags []string
+}
+
 type exitStatusSet struct {
 	Statuses []int32
 	Signals  []int32
@@ -37,7 +44,7 @@ type exitStatusSet struct {
 func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 	props := []sddbus.Property{
 		sddbus.PropDescription(s.Description),
-		sddbus.PropExecStart(s.Args(), true),
+		s.execStart(),
 		// nspawn says READY=1 only once the guest did (--notify-ready=yes), so activation of the
 		// unit is the guest's readiness, and TimeoutStartSec is the ready timeout.
 		sddbus.PropType("notify"),
@@ -73,6 +80,9 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		// to Nomad from a cursor that survives plugin restarts.
 		prop("StandardOutput", "journal"),
 		prop("StandardError", "journal"),
+		// A console line starting with "<0>" to "<7>" is the guest's text, not a log level for
+		// journald to strip.
+		prop("SyslogLevelPrefix", false),
 		prop("LogRateLimitIntervalUSec", uint64(0)),
 		// As systemd-nspawn@.service: no device nodes but the ones a container needs.
 		prop("DevicePolicy", "closed"),
@@ -105,6 +115,24 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		props = append(props, prop("TasksMax", r.TasksMax))
 	}
 	return props, nil
+}
+
+// execStart is the unit's command: nspawn with the spec's arguments, exactly. systemd expands
+// $VAR, ${VAR} and $$ in ExecStart= when it runs it (% specifiers only in unit files, never in
+// properties set over D-Bus), so a command with a '$' is given as ExecStartEx= with
+// no-env-expand (systemd 243 and later). A command without one stays ExecStart=: systemd 252
+// (Debian 12) writes ExecStartEx= into the transient unit file under a key it cannot read back,
+// so after a daemon-reload the unit has no command left for an in-place reboot; newer versions
+// write ExecStart= with the flag. ignore-failure is what ExecStart's flag has always been here:
+// the exit status is in ExitFile either way.
+func (s *Spec) execStart() sddbus.Property {
+	args := s.Args()
+	for _, a := range args {
+		if strings.Contains(a, "$") {
+			return prop("ExecStartEx", []execCommandEx{{Path: args[0], Args: args, Flags: []string{"ignore-failure", "no-env-expand"}}})
+		}
+	}
+	return sddbus.PropExecStart(args, true)
 }
 
 // CPUMask turns a cpuset list such as "0-2,5" into systemd's AllowedCPUs byte mask.

@@ -55,11 +55,12 @@ func TestUnitProperties_Base(t *testing.T) {
 	propIs(t, props, "Description", "s", s.Description)
 	propIs(t, props, "NotifyAccess", "s", "all")
 	propIs(t, props, "DevicePolicy", "s", "closed")
+	propIs(t, props, "SyslogLevelPrefix", "b", false)
 	must.EqOp(t, "a(ss)", props["DeviceAllow"].Signature().String())
 	must.EqOp(t, "a(sasb)", props["ExecStart"].Signature().String())
 	must.EqOp(t, "a(sasb)", props["ExecStopPost"].Signature().String())
 
-	// ExecStart runs exactly the nspawn command line.
+	// ExecStart runs exactly the nspawn command line, which has no '$' to expand.
 	exec := reflect.ValueOf(props["ExecStart"].Value())
 	must.EqOp(t, 1, exec.Len())
 	must.EqOp(t, s.NspawnPath, exec.Index(0).FieldByName("Path").String())
@@ -68,9 +69,31 @@ func TestUnitProperties_Base(t *testing.T) {
 
 	for _, absent := range []string{
 		"MemoryMax", "MemorySwapMax", "MemoryLow", "CPUWeight", "AllowedCPUs", "TasksMax",
-		"RestartForceExitStatus", "Environment",
+		"RestartForceExitStatus", "Environment", "ExecStartEx",
 	} {
 		must.MapNotContainsKey(t, props, absent)
+	}
+}
+
+// A '$' anywhere in the command line (an init arg, an environment value) makes the command
+// ExecStartEx with no-env-expand, so systemd runs it as it is.
+func TestUnitProperties_DollarIsNotExpanded(t *testing.T) {
+	for name, mutate := range map[string]func(*Spec){
+		"init arg":  func(s *Spec) { s.InitArgs = append(s.InitArgs, "print=$X") },
+		"env value": func(s *Spec) { s.Env["SECRET"] = "pa$$word" },
+	} {
+		t.Run(name, func(t *testing.T) {
+			s := testSpec()
+			mutate(s)
+			props := unitProps(t, s)
+			must.MapNotContainsKey(t, props, "ExecStart")
+			must.EqOp(t, "a(sasas)", props["ExecStartEx"].Signature().String())
+			exec := reflect.ValueOf(props["ExecStartEx"].Value())
+			must.EqOp(t, 1, exec.Len())
+			must.EqOp(t, s.NspawnPath, exec.Index(0).FieldByName("Path").String())
+			must.Eq(t, s.Args(), exec.Index(0).FieldByName("Args").Interface().([]string))
+			must.Eq(t, []string{"ignore-failure", "no-env-expand"}, exec.Index(0).FieldByName("Flags").Interface().([]string))
+		})
 	}
 }
 
