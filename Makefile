@@ -8,12 +8,18 @@ FIXTURES_ENV := $(or $(NIXOS_NSPAWN_CACHE),/var/cache/nomad-driver-nixos)/fixtur
 # Packages that hold test binaries run inside the systemd test host.
 INTEGRATION_PKGS := closure driver
 
-.PHONY: all build lint unit testhost-ready integration nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
+.PHONY: all build helper lint unit testhost-ready integration nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
 
 all: build
 
-# A static binary: NixOS hosts have no /lib64/ld-linux-x86-64.so.2.
-build:
+# The console helper, which the plugin (and the integration test binaries) embed.
+CONSOLE_HELPER := driver/consolehelper/nomad-driver-nixos-console
+
+# Static binaries: NixOS hosts have no /lib64/ld-linux-x86-64.so.2.
+helper:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $(CONSOLE_HELPER) ./cmd/nomad-driver-nixos-console
+
+build: helper
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(PLUGIN) ./cmd/nomad-driver-nixos
 
 lint:
@@ -76,7 +82,7 @@ testhost-down:
 
 clean: testhost-down
 	e2e/cluster/cluster.sh down
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) $(CONSOLE_HELPER)
 
 # Start-to-READY through the driver vs bare systemd-run + nspawn, the closure view's cost, the
 # plugin's RSS, and closure import vs nix copy.

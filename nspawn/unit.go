@@ -69,11 +69,11 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		// the driver reports it and the exit, instead of systemd stopping the whole machine.
 		prop("OOMPolicy", "continue"),
 		prop("StandardInput", "null"),
-		// The console goes to the journal: it never blocks the machine, and the driver forwards it
-		// to Nomad from a cursor that survives plugin restarts.
-		prop("StandardOutput", "journal"),
-		prop("StandardError", "journal"),
-		prop("LogRateLimitIntervalUSec", uint64(0)),
+		// The console goes to a file, in one ordered stream: appending to a local file never
+		// blocks the machine for long, and nothing rate-limits it as journald does. The console
+		// helper forwards it to Nomad from an offset that survives restarts (package console).
+		prop("StandardOutputFileToAppend", s.ConsoleFile),
+		prop("StandardError", "inherit"),
 		// As systemd-nspawn@.service: no device nodes but the ones a container needs.
 		prop("DevicePolicy", "closed"),
 		prop("DeviceAllow", []deviceAllow{{"/dev/net/tun", "rwm"}, {"char-pts", "rw"}}),
