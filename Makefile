@@ -84,8 +84,9 @@ clean: testhost-down
 	e2e/cluster/cluster.sh down
 	rm -rf $(BUILD) $(CONSOLE_HELPER)
 
-# Start-to-READY through the driver vs bare systemd-run + nspawn, the closure view's cost, the
-# plugin's RSS, and closure import vs nix copy.
+# Start-to-READY through the driver vs bare systemd-run + nspawn, the closure view's cost, console
+# throughput vs a guest writing to a file, the plugin's RSS and its forwarders' PSS, and closure
+# import vs nix copy.
 bench: testhost-ready
 	@set -a; . $(FIXTURES_ENV); set +a; \
 	(cd closure && $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/closure.integration.test \
@@ -93,5 +94,7 @@ bench: testhost-ready
 	cd driver; \
 	$(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.run '^$$' -test.bench 'StartToReady|StoreView|TimeToAddress' -test.benchtime $(or $(BENCHTIME),10x); \
+	$(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+		-test.run '^$$' -test.bench ConsoleThroughput -test.benchtime $(or $(BENCHTIME),2x); \
 	NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.run '^$$' -test.bench PluginRSS -test.benchtime 1x

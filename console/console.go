@@ -100,15 +100,16 @@ var ErrStopped = errors.New("stopped before the machine ended")
 // Run forwards until the machine ended (EndName exists) and the log is delivered, or ctx ends.
 func (fw *Forwarder) Run(ctx context.Context) error {
 	files := Files{fw.Dir}
-	out, err := openFIFO(ctx, fw.FIFO)
+	stored := inheritedFDs()
+	out, err := openStored(ctx, stored, "stdout", fw.FIFO)
 	if err != nil {
-		return fmt.Errorf("opening %s: %w", fw.FIFO, err)
+		return err
 	}
 	defer out.Close()
 	if fw.StderrFIFO != "" {
-		stderr, err := openFIFO(ctx, fw.StderrFIFO)
+		stderr, err := openStored(ctx, stored, "stderr", fw.StderrFIFO)
 		if err != nil {
-			return fmt.Errorf("opening %s: %w", fw.StderrFIFO, err)
+			return err
 		}
 		defer stderr.Close()
 	}
@@ -209,12 +210,21 @@ func (s *state) forward(ctx context.Context, buf []byte, size int64, ended bool)
 		}
 	}
 	if werr != nil {
-		if ctx.Err() != nil {
-			return false, ErrStopped
-		}
-		return false, fmt.Errorf("writing to %s: %w", s.fw.FIFO, werr)
+		return false, s.writeError(ctx, werr)
 	}
 	return true, nil
+}
+
+// writeError turns a failed write into the forwarder's result. A FIFO whose reader went away is
+// taken out of the descriptor store: the next forwarder opens it anew and waits for a reader.
+func (s *state) writeError(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return ErrStopped
+	}
+	if errors.Is(err, unix.EPIPE) {
+		dropStoredFD("stdout")
+	}
+	return fmt.Errorf("writing to %s: %w", s.fw.FIFO, err)
 }
 
 // inputLen is how many bytes of in the first outN bytes of its "\r\n" to "\n" translation came from.
@@ -259,10 +269,7 @@ func (s *state) drop(ctx context.Context, size int64) error {
 	}
 	s.atLineStart = true
 	if _, err := s.out.Write(ctx, []byte(marker)); err != nil {
-		if ctx.Err() != nil {
-			return ErrStopped
-		}
-		return fmt.Errorf("writing to %s: %w", s.fw.FIFO, err)
+		return s.writeError(ctx, err)
 	}
 	return nil
 }
@@ -289,6 +296,23 @@ func (s *state) save() error {
 		s.punched = end
 	}
 	return nil
+}
+
+// openStored returns the FIFO descriptor an earlier forwarder left in systemd's store, or opens
+// the FIFO and stores the descriptor.
+func openStored(ctx context.Context, stored map[string]*os.File, name, path string) (*fifoWriter, error) {
+	if f := stored[name]; f != nil {
+		return &fifoWriter{f: f}, nil
+	}
+	w, err := openFIFO(ctx, path)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ErrStopped
+		}
+		return nil, fmt.Errorf("opening %s: %w", path, err)
+	}
+	storeFD(name, w.f)
+	return w, nil
 }
 
 func readOffset(path string) (int64, error) {

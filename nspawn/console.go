@@ -40,6 +40,10 @@ func (f *Forwarder) UnitProperties(machineUnit string) []sddbus.Property {
 		prop("RestartUSec", uint64(time.Second.Microseconds())),
 		// Restarts are the recovery from a reader that went away: never give them up.
 		prop("StartLimitIntervalUSec", uint64(0)),
+		// The forwarder keeps its FIFO descriptors here, so a restarted one writes to the same
+		// open FIFOs: Nomad's reader ends for good once no writer holds one open.
+		prop("FileDescriptorStoreMax", uint32(2)),
+		prop("NotifyAccess", "main"),
 		prop("StandardInput", "null"),
 		prop("StandardOutput", "journal"),
 	}
