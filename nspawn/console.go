@@ -31,8 +31,10 @@ func ConsoleUnit(machine string) string { return machine + "-console.service" }
 func (f *Forwarder) UnitProperties(machineUnit string) []sddbus.Property {
 	return []sddbus.Property{
 		sddbus.PropDescription("Console of " + machineUnit),
+		// go-systemd's last argument is systemd's ignore-failure flag ("-" in unit files): it must
+		// be off, or a failed forwarder counts as a success and is not restarted.
 		sddbus.PropExecStart([]string{f.Helper, "-dir", f.MachineDir, "-fifo", f.FIFO, "-stderr-fifo", f.StderrFIFO,
-			"-backlog", strconv.FormatInt(f.Backlog, 10) + "B"}, true),
+			"-backlog", strconv.FormatInt(f.Backlog, 10) + "B"}, false),
 		sddbus.PropType("exec"),
 		// A forwarder that was killed or lost Nomad's reader exits with a failure; the next one
 		// resumes at the saved offset. One that delivered everything exits 0 and stays ended.

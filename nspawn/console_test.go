@@ -29,6 +29,8 @@ func TestForwarderUnitProperties(t *testing.T) {
 	exec := reflect.ValueOf(props["ExecStart"])
 	must.EqOp(t, 1, exec.Len())
 	argv := exec.Index(0).FieldByName("Args").Interface().([]string)
+	// systemd reads this flag as "ignore failure": a failed forwarder must be restarted.
+	must.False(t, exec.Index(0).FieldByName("UncleanIsFailure").Bool())
 	must.Eq(t, []string{
 		f.Helper, "-dir", f.MachineDir, "-fifo", f.FIFO, "-stderr-fifo", f.StderrFIFO, "-backlog", "1073741824B",
 	}, argv)
