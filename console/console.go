@@ -240,9 +240,11 @@ func inputLen(in []byte, outN int) int {
 	return i
 }
 
-// drop skips everything not delivered yet, records it, and says so in the log stream.
+// drop skips everything not delivered yet but the newest line, which may still be growing,
+// records it, and says so in the log stream.
 func (s *state) drop(ctx context.Context, size int64) error {
-	dropped := size - s.offset
+	to := s.lineStart(size)
+	dropped := to - s.offset
 	at := time.Now
 	if s.fw.Now != nil {
 		at = s.fw.Now
@@ -259,7 +261,7 @@ func (s *state) drop(ctx context.Context, size int64) error {
 	if err != nil {
 		return fmt.Errorf("recording dropped console output: %w", err)
 	}
-	s.offset = size
+	s.offset = to
 	if err := s.save(); err != nil {
 		return err
 	}
@@ -272,6 +274,18 @@ func (s *state) drop(ctx context.Context, size int64) error {
 		return s.writeError(ctx, err)
 	}
 	return nil
+}
+
+// lineStart is where the last line that starts before size starts, if that is within the last
+// KeepTail bytes; otherwise size.
+func (s *state) lineStart(size int64) int64 {
+	from := max(s.offset, size-KeepTail)
+	buf := make([]byte, size-from)
+	n, _ := s.log.ReadAt(buf, from)
+	if i := bytes.LastIndexByte(buf[:n], '\n'); i >= 0 {
+		return from + int64(i) + 1
+	}
+	return size
 }
 
 // DropMarker is the line that stands in the log for console output that was dropped.

@@ -129,16 +129,16 @@ func TestForward_StoppedSavesOffset(t *testing.T) {
 // Past the backlog bound the undelivered part is dropped, with a marker line in the stream and
 // a record for the plugin; what comes after is delivered.
 func TestForward_DropsBacklog(t *testing.T) {
-	content := strings.Repeat("0123456789\r\n", 100) + "partial"
+	content := strings.Repeat("0123456789\r\n", 100) + "the newest line"
 	dir, fifo, got := setup(t, content)
 	at := time.Date(2026, 12, 2, 18, 0, 0, 0, time.UTC)
 	must.NoError(t, MarkEnd(dir))
 	must.NoError(t, run(t, &Forwarder{Dir: dir, FIFO: fifo, Backlog: 100, Now: func() time.Time { return at }}))
-	want := "nomad-driver-nixos: dropped 1207 bytes of console output at 2026-12-02T18:00:00Z (Nomad's log reader was more than 100B behind)\n"
+	want := "nomad-driver-nixos: dropped 1200 bytes of console output at 2026-12-02T18:00:00Z (Nomad's log reader was more than 100B behind)\nthe newest line"
 	must.EqOp(t, want, got())
 	rec, err := os.ReadFile(Files{dir}.Dropped())
 	must.NoError(t, err)
-	must.EqOp(t, "2026-12-02T18:00:00Z 1207\n", string(rec))
+	must.EqOp(t, "2026-12-02T18:00:00Z 1200\n", string(rec))
 }
 
 // The marker starts a line of its own when the drop cuts one.
@@ -159,6 +159,7 @@ func TestDrop_MidLine(t *testing.T) {
 	must.NoError(t, <-done)
 	out := got()
 	must.StrHasPrefix(t, "start of a line\nnomad-driver-nixos: dropped 101 bytes", out)
+	must.StrHasSuffix(t, "behind)\n", out)
 }
 
 // Delivered blocks are freed, but the last KeepTail bytes stay readable for Tail.
