@@ -47,6 +47,10 @@ const (
 	punchStep = 1 << 20
 	// idleWake bounds a wait for the log to grow when no inotify event comes.
 	idleWake = time.Second
+	// gather is how long a forwarder that caught up lets output gather before it reads again:
+	// nspawn appends in pieces of a few KiB, and one read, write and offset save for each would
+	// cost more than the console itself.
+	gather = 10 * time.Millisecond
 )
 
 // Files names the console files of a machine directory.
@@ -129,7 +133,7 @@ func (fw *Forwarder) Run(ctx context.Context) error {
 	}
 	defer notify.Close()
 
-	s := &state{fw: fw, files: files, log: log, out: out, offset: offset, punched: 0}
+	s := &state{fw: fw, files: files, log: log, out: out, offset: offset, translated: make([]byte, 0, chunk)}
 	s.atLineStart = offset == 0 || s.byteBefore(offset) == '\n'
 	buf := make([]byte, chunk)
 	for {
@@ -153,6 +157,9 @@ func (fw *Forwarder) Run(ctx context.Context) error {
 			return err
 		}
 		if moved {
+			if !ended && s.offset >= size-1 {
+				time.Sleep(gather)
+			}
 			continue
 		}
 		if ended && s.offset >= size {
@@ -170,6 +177,8 @@ type state struct {
 	offset      int64
 	punched     int64
 	atLineStart bool
+	// translated is the buffer of a chunk with "\r\n" turned into "\n".
+	translated []byte
 }
 
 func (s *state) byteBefore(offset int64) byte {
@@ -199,7 +208,7 @@ func (s *state) forward(ctx context.Context, buf []byte, size int64, ended bool)
 	if len(in) == 0 {
 		return false, nil
 	}
-	out := bytes.ReplaceAll(in, []byte("\r\n"), []byte("\n"))
+	out := crlfToLF(s.translated[:0], in)
 	written, werr := s.out.Write(ctx, out)
 	consumed := inputLen(in, written)
 	if consumed > 0 {
@@ -225,6 +234,20 @@ func (s *state) writeError(ctx context.Context, err error) error {
 		dropStoredFD("stdout")
 	}
 	return fmt.Errorf("writing to %s: %w", s.fw.FIFO, err)
+}
+
+// crlfToLF appends src to dst with each "\r\n" turned into "\n".
+func crlfToLF(dst, src []byte) []byte {
+	for len(src) > 0 {
+		i := bytes.Index(src, []byte("\r\n"))
+		if i < 0 {
+			return append(dst, src...)
+		}
+		dst = append(dst, src[:i]...)
+		dst = append(dst, '\n')
+		src = src[i+2:]
+	}
+	return dst
 }
 
 // inputLen is how many bytes of in the first outN bytes of its "\r\n" to "\n" translation came from.
