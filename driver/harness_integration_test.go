@@ -28,7 +28,7 @@ import (
 )
 
 // TestMain lets the test binary stand in for the plugin binary, which the driver also runs as
-// console forwarder and TTY session starter.
+// TTY session starter.
 func TestMain(m *testing.M) {
 	if code, ok := nspawn.Helper(os.Args[1:]); ok {
 		os.Exit(code)
