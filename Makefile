@@ -9,12 +9,18 @@ FIXTURES_ENV := $(or $(NIXOS_NSPAWN_CACHE),/var/cache/nomad-driver-nixos)/fixtur
 # Packages that hold test binaries run inside the systemd test host.
 INTEGRATION_PKGS := closure driver
 
-.PHONY: all build lint unit testhost-ready integration nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
+.PHONY: all build helper lint unit testhost-ready integration nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
 
 all: build
 
-# A static binary: NixOS hosts have no /lib64/ld-linux-x86-64.so.2.
-build:
+# The console helper, which the plugin (and the integration test binaries) embed.
+CONSOLE_HELPER := driver/consolehelper/nomad-driver-nixos-console
+
+# Static binaries: NixOS hosts have no /lib64/ld-linux-x86-64.so.2.
+helper:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $(CONSOLE_HELPER) ./cmd/nomad-driver-nixos-console
+
+build: helper
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(PLUGIN) ./cmd/nomad-driver-nixos
 
 lint:
@@ -78,10 +84,11 @@ testhost-down:
 
 clean: testhost-down
 	e2e/cluster/cluster.sh down
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) $(CONSOLE_HELPER)
 
-# Start-to-READY through the driver vs bare systemd-run + nspawn, the closure view's cost, the
-# plugin's RSS, and closure import vs nix copy.
+# Start-to-READY through the driver vs bare systemd-run + nspawn, the closure view's cost, console
+# throughput vs a guest writing to a file, the plugin's RSS and its forwarders' PSS, and closure
+# import vs nix copy.
 bench: testhost-ready
 	@set -a; . $(FIXTURES_ENV); set +a; \
 	(cd closure && $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/closure.integration.test \
@@ -89,5 +96,7 @@ bench: testhost-ready
 	cd driver; \
 	$(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.run '^$$' -test.bench 'StartToReady|StoreView|TimeToAddress' -test.benchtime $(or $(BENCHTIME),10x); \
+	$(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+		-test.run '^$$' -test.bench ConsoleThroughput -test.benchtime $(or $(BENCHTIME),2x); \
 	NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.run '^$$' -test.bench PluginRSS -test.benchtime 1x

@@ -7,6 +7,7 @@ package driver
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -189,12 +191,22 @@ func BenchmarkPluginRSS(b *testing.B) {
 	}
 	for i := 0; i < b.N; i++ {
 		for _, machines := range []int{0, 10} {
-			b.ReportMetric(pluginRSS(b, binary, toplevel, machines), fmt.Sprintf("RSS-MiB/%d-machines", machines))
+			rss, forwarders := pluginRSS(b, binary, toplevel, machines)
+			b.ReportMetric(rss, fmt.Sprintf("RSS-MiB/%d-machines", machines))
+			if machines > 0 {
+				// What each machine costs outside the guest besides nspawn: its console forwarder.
+				b.ReportMetric(forwarders.pss, "forwarder-PSS-MiB/machine")
+				b.ReportMetric(forwarders.rss, "forwarder-RSS-MiB/machine")
+			}
 		}
 	}
 }
 
-func pluginRSS(b *testing.B, binary, toplevel string, machines int) float64 {
+type memory struct{ rss, pss float64 }
+
+// pluginRSS returns the plugin's RSS while it follows machines, and the mean memory of their
+// console forwarders.
+func pluginRSS(b *testing.B, binary, toplevel string, machines int) (float64, memory) {
 	client := plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig:  base.Handshake,
 		Plugins:          map[string]plugin.Plugin{base.PluginTypeDriver: drivers.NewDriverPlugin(nil, hclog.NewNullLogger())},
@@ -229,7 +241,114 @@ func pluginRSS(b *testing.B, binary, toplevel string, machines int) float64 {
 	}()
 	// Let the watchers settle into their steady state.
 	time.Sleep(3 * time.Second)
-	return vmRSS(b, client.ReattachConfig().Pid)
+	var forwarders memory
+	for _, id := range ids {
+		_, machine, err := machineOfTaskID(id)
+		must.NoError(b, err)
+		out, err := exec.Command("systemctl", "show", "-p", "MainPID", "--value", nspawn.ConsoleUnit(machine)).Output()
+		must.NoError(b, err)
+		pid, err := strconv.Atoi(strings.TrimSpace(string(out)))
+		must.NoError(b, err)
+		must.Positive(b, pid, must.Sprint("the console forwarder of ", machine, " does not run"))
+		forwarders.rss += smapsRollup(b, pid, "Rss:") / float64(len(ids))
+		forwarders.pss += smapsRollup(b, pid, "Pss:") / float64(len(ids))
+	}
+	return vmRSS(b, client.ReattachConfig().Pid), forwarders
+}
+
+// smapsRollup reads one field of a process's memory summary, in MiB.
+func smapsRollup(b *testing.B, pid int, field string) float64 {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	must.NoError(b, err)
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, field); ok {
+			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			must.NoError(b, err)
+			return float64(kb) / 1024
+		}
+	}
+	b.Fatalf("no %s in /proc/%d/smaps_rollup", field, pid)
+	return 0
+}
+
+// Sustained console throughput: a guest writes 100 MB of 100-byte lines to its console, which
+// reach a reader of the task's stdout FIFO that writes them to a file, as Nomad's logmon does;
+// against the same guest writing the same lines to a file in its root. Both are timed from the
+// guest's "ready" line to its "flood done" line, as the reader sees them.
+func BenchmarkConsoleThroughput(b *testing.B) {
+	toplevel := os.Getenv("NIXOS_NSPAWN_TINY_TOPLEVEL")
+	if toplevel == "" {
+		b.Fatal("NIXOS_NSPAWN_TINY_TOPLEVEL is not set: run benchmarks through `make bench`")
+	}
+	const size = 100_000_000
+	d := benchNewDriver(b)
+	defer d.Shutdown()
+	var console, file time.Duration
+	for i := 0; i < b.N; i++ {
+		console += floodTime(b, d, toplevel, fmt.Sprintf("cons%d", i), fmt.Sprintf("flood=%d", size))
+		file += floodTime(b, d, toplevel, fmt.Sprintf("file%d", i), fmt.Sprintf("floodfile=%d", size))
+	}
+	mbps := func(d time.Duration) float64 { return float64(size*b.N) / 1e6 / d.Seconds() }
+	b.ReportMetric(mbps(console), "console-MB/s")
+	b.ReportMetric(mbps(console)*1e6/100, "console-lines/s")
+	b.ReportMetric(mbps(file), "guest-file-MB/s")
+	b.ReportMetric(mbps(console)/mbps(file), "console/file")
+	b.ReportMetric(0, "ns/op")
+}
+
+// floodTime runs a guest with the flood word and returns the time from its ready line to its
+// flood done line at the reader.
+func floodTime(b *testing.B, d *Driver, toplevel, name, word string) time.Duration {
+	task := benchTask(b, toplevel, name, storeViewClosure)
+	must.NoError(b, task.EncodeConcreteDriverConfig(&TaskConfig{Toplevel: toplevel, InitArgs: []string{word, "exit=0"},
+		ReadyTimeout: "60s", PrivateUsers: "pick", RebootPolicy: "exit", StoreView: storeViewClosure}))
+	task.StdoutPath = filepath.Join(b.TempDir(), "stdout.fifo")
+	must.NoError(b, syscall.Mkfifo(task.StdoutPath, 0o600))
+	logFile, err := os.Create(filepath.Join(b.TempDir(), name+".stdout.0"))
+	must.NoError(b, err)
+	defer logFile.Close()
+	done := make(chan time.Duration, 1)
+	go func() {
+		f, err := os.Open(task.StdoutPath)
+		if err != nil {
+			panic(err)
+		}
+		defer f.Close()
+		w := bufio.NewWriterSize(logFile, 64<<10)
+		defer w.Flush()
+		r := bufio.NewReaderSize(f, 64<<10)
+		var ready time.Time
+		for {
+			line, err := r.ReadSlice('\n')
+			_, _ = w.Write(line)
+			switch {
+			case bytes.HasPrefix(line, []byte("tinyinit: ready")):
+				ready = time.Now()
+			case bytes.HasPrefix(line, []byte("tinyinit: flood done")):
+				done <- time.Since(ready)
+			case bytes.HasPrefix(line, []byte("tinyinit: unknown arg")):
+				// A fixture older than the flood words.
+				done <- -1
+			}
+			if err != nil && err != bufio.ErrBufferFull {
+				return
+			}
+		}
+	}()
+	_, _, err = d.StartTask(task)
+	must.NoError(b, err)
+	defer func() { _ = d.DestroyTask(task.ID, true) }()
+	select {
+	case took := <-done:
+		must.Positive(b, took, must.Sprintf("the tiny fixture does not know %q: rebuild it (e2e/fixtures/build.sh)", word))
+		ch, err := d.WaitTask(context.Background(), task.ID)
+		must.NoError(b, err)
+		<-ch
+		return took
+	case <-time.After(10 * time.Minute):
+		b.Fatalf("%s: no flood done line within 10 minutes", word)
+		return 0
+	}
 }
 
 // benchTask is a task with bare alloc directories and no log collection.

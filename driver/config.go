@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 
 	"github.com/nomad-nixos/nomad-driver-nixos/closure"
+	"github.com/nomad-nixos/nomad-driver-nixos/console"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -26,7 +27,9 @@ const (
 	defaultTasksMax     = 16384
 	defaultReadyTimeout = "2m"
 	defaultGCGrace      = "1h"
-	maxReadyTimeout     = time.Hour
+	// defaultConsoleBacklog bounds the disk a machine's undelivered console may take.
+	defaultConsoleBacklog = "1GiB"
+	maxReadyTimeout       = time.Hour
 	// nixosSystemBin is where NixOS keeps system tools; its Nomad unit does not have it in PATH.
 	nixosSystemBin = "/run/current-system/sw/bin"
 )
@@ -36,7 +39,6 @@ var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"data_dir":             hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
 	"nspawn_path":          hclspec.NewAttr("nspawn_path", "string", false),
 	"systemd_run_path":     hclspec.NewAttr("systemd_run_path", "string", false),
-	"journalctl_path":      hclspec.NewAttr("journalctl_path", "string", false),
 	"nsenter_path":         hclspec.NewAttr("nsenter_path", "string", false),
 	"slice":                hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
 	"tasks_max":            hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
@@ -50,6 +52,7 @@ var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"gc_grace":             hclspec.NewDefault(hclspec.NewAttr("gc_grace", "string", false), hclspec.NewLiteral(strconv.Quote(defaultGCGrace))),
 	"address_pool":         hclspec.NewDefault(hclspec.NewAttr("address_pool", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPool))),
 	"address_pool_ipv6":    hclspec.NewDefault(hclspec.NewAttr("address_pool_ipv6", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPoolIPv6))),
+	"console_backlog":      hclspec.NewDefault(hclspec.NewAttr("console_backlog", "string", false), hclspec.NewLiteral(strconv.Quote(defaultConsoleBacklog))),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -73,7 +76,6 @@ type PluginConfig struct {
 	DataDir        string `codec:"data_dir"`
 	NspawnPath     string `codec:"nspawn_path"`
 	SystemdRunPath string `codec:"systemd_run_path"`
-	JournalctlPath string `codec:"journalctl_path"`
 	NsenterPath    string `codec:"nsenter_path"`
 	Slice          string `codec:"slice"`
 	TasksMax       int64  `codec:"tasks_max"`
@@ -98,7 +100,12 @@ type PluginConfig struct {
 	AddressPool     string `codec:"address_pool"`
 	AddressPoolIPv6 string `codec:"address_pool_ipv6"`
 
+	// ConsoleBacklog is how far Nomad's log reader may fall behind a machine's console before
+	// the forwarder drops what it did not deliver (and says so).
+	ConsoleBacklog string `codec:"console_backlog"`
+
 	gcGrace             time.Duration
+	consoleBacklog      int64
 	keys                closure.TrustedKeys
 	pools               pools
 	substituters        []closure.CacheURL
@@ -165,6 +172,12 @@ func (c *PluginConfig) validate() error {
 	if c.gcGrace, err = time.ParseDuration(c.GCGrace); err != nil || c.gcGrace < 0 {
 		return fmt.Errorf("gc_grace = %q: must be a duration such as \"1h\" or \"0s\"", c.GCGrace)
 	}
+	if c.ConsoleBacklog == "" {
+		c.ConsoleBacklog = defaultConsoleBacklog
+	}
+	if c.consoleBacklog, err = console.ParseSize(c.ConsoleBacklog); err != nil {
+		return fmt.Errorf("console_backlog = %w; it bounds how far Nomad's log reader may fall behind a machine's console", err)
+	}
 	if c.pools, err = parsePools(c.AddressPool, c.AddressPoolIPv6); err != nil {
 		return err
 	}
@@ -174,7 +187,6 @@ func (c *PluginConfig) validate() error {
 	}{
 		{"nspawn_path", "systemd-nspawn", &c.NspawnPath},
 		{"systemd_run_path", "systemd-run", &c.SystemdRunPath},
-		{"journalctl_path", "journalctl", &c.JournalctlPath},
 		{"nsenter_path", "nsenter", &c.NsenterPath},
 		{"nix_store_path", "nix-store", &c.NixStorePath},
 	} {

@@ -26,7 +26,6 @@ func validPluginConfig() PluginConfig {
 		DataDir:        "/var/lib/nomad-driver-nixos",
 		NspawnPath:     "/run/current-system/sw/bin/systemd-nspawn",
 		SystemdRunPath: "/run/current-system/sw/bin/systemd-run",
-		JournalctlPath: "/run/current-system/sw/bin/journalctl",
 		Slice:          "machine.slice",
 		TasksMax:       16384,
 		AddressPool:    "10.235.0.0/16",
@@ -65,7 +64,10 @@ func TestPluginConfigValidate_Errors(t *testing.T) {
 		{"negative tasks_max", func(c *PluginConfig) { c.TasksMax = -1 }, "tasks_max", "-1"},
 		{"relative nspawn_path", func(c *PluginConfig) { c.NspawnPath = "systemd-nspawn" }, "nspawn_path", `"systemd-nspawn"`},
 		{"relative systemd_run_path", func(c *PluginConfig) { c.SystemdRunPath = "bin/systemd-run" }, "systemd_run_path", `"bin/systemd-run"`},
-		{"relative journalctl_path", func(c *PluginConfig) { c.JournalctlPath = "./journalctl" }, "journalctl_path", `"./journalctl"`},
+		{"console_backlog without a unit", func(c *PluginConfig) { c.ConsoleBacklog = "1000" }, "console_backlog", `"1000"`},
+		{"console_backlog zero", func(c *PluginConfig) { c.ConsoleBacklog = "0MiB" }, "console_backlog", `"0MiB"`},
+		{"console_backlog negative", func(c *PluginConfig) { c.ConsoleBacklog = "-1GiB" }, "console_backlog", `"-1GiB"`},
+		{"console_backlog fraction", func(c *PluginConfig) { c.ConsoleBacklog = "1.5GiB" }, "console_backlog", `"1.5GiB"`},
 		{"relative nix_store_path", func(c *PluginConfig) { c.NixStorePath = "nix-store" }, "nix_store_path", `"nix-store"`},
 		{"unknown store", func(c *PluginConfig) { c.Store = "nix" }, "store", `"nix"`},
 		{"bad key", func(c *PluginConfig) { c.TrustedPublicKeys = []string{"cache.nixos.org-1"} }, "trusted_public_keys[0]", `"cache.nixos.org-1"`},
@@ -112,13 +114,12 @@ func TestPluginConfigValidate_FindsTools(t *testing.T) {
 	t.Setenv("PATH", bin)
 
 	pc := validPluginConfig()
-	pc.NspawnPath, pc.SystemdRunPath, pc.JournalctlPath = "", "", ""
+	pc.NspawnPath, pc.SystemdRunPath = "", ""
 	must.NoError(t, pc.validate())
 	// Found in PATH.
 	must.EqOp(t, nspawnBin, pc.NspawnPath)
 	// Not in PATH: where NixOS keeps it, for the fingerprint to report if it is missing.
 	must.EqOp(t, "/run/current-system/sw/bin/systemd-run", pc.SystemdRunPath)
-	must.EqOp(t, "/run/current-system/sw/bin/journalctl", pc.JournalctlPath)
 
 	// Configured paths are kept as they are.
 	pc = validPluginConfig()
@@ -373,6 +374,7 @@ func TestPluginConfigSchema_Defaults(t *testing.T) {
 		GCGrace:         "1h",
 		AddressPool:     "10.235.0.0/16",
 		AddressPoolIPv6: "fd35:6e78:6f73::/48",
+		ConsoleBacklog:  "1GiB",
 	}, pc)
 	must.NoError(t, pc.validate())
 }
@@ -384,7 +386,6 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
   data_dir         = "/srv/machines"
   nspawn_path      = "/opt/bin/systemd-nspawn"
   systemd_run_path = "/opt/bin/systemd-run"
-  journalctl_path  = "/opt/bin/journalctl"
   slice            = "nomad-machines.slice"
   tasks_max        = 0
   allow_host_network = true
@@ -395,13 +396,13 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
   trusted_substituters = ["https://ci.example.org"]
   allow_unsigned   = true
   gc_grace         = "10m"
+  console_backlog  = "64MiB"
 }`, &pc)
 	must.Eq(t, PluginConfig{
 		Enabled:             false,
 		DataDir:             "/srv/machines",
 		NspawnPath:          "/opt/bin/systemd-nspawn",
 		SystemdRunPath:      "/opt/bin/systemd-run",
-		JournalctlPath:      "/opt/bin/journalctl",
 		Slice:               "nomad-machines.slice",
 		TasksMax:            0,
 		AllowHostNetwork:    true,
@@ -414,8 +415,10 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
 		GCGrace:             "10m",
 		AddressPool:         "10.235.0.0/16",
 		AddressPoolIPv6:     "fd35:6e78:6f73::/48",
+		ConsoleBacklog:      "64MiB",
 	}, pc)
 	must.NoError(t, pc.validate())
 	must.EqOp(t, 10*time.Minute, pc.gcGrace)
+	must.EqOp(t, 64<<20, pc.consoleBacklog)
 	must.Eq(t, 1, len(pc.keys))
 }

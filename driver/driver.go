@@ -28,6 +28,7 @@ import (
 
 	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
 	"github.com/nomad-nixos/nomad-driver-nixos/closure"
+	"github.com/nomad-nixos/nomad-driver-nixos/console"
 	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
@@ -78,14 +79,16 @@ type Driver struct {
 	logger  hclog.Logger
 	tasks   *taskStore
 	mgr     *nspawn.Manager
-	// self is this binary, which also runs as the console forwarder of each machine.
+	// self is this binary, which also starts exec sessions inside machines.
 	self string
 
-	mu      sync.RWMutex
-	config  PluginConfig
-	compute cpustats.Compute
-	cgroups cgroupfs.Cgroups
-	imp     *closure.Importer
+	mu     sync.RWMutex
+	config PluginConfig
+	// consoleHelper is the installed console helper binary, which forwards each machine's console.
+	consoleHelper string
+	compute       cpustats.Compute
+	cgroups       cgroupfs.Cgroups
+	imp           *closure.Importer
 
 	// addrMu serialises address allocation.
 	addrMu sync.Mutex
@@ -99,7 +102,7 @@ func NewDriver(logger hclog.Logger) *Driver {
 	logger = logger.Named(PluginName)
 	self, err := os.Executable()
 	if err != nil {
-		logger.Error("cannot find the plugin binary, consoles will not be forwarded", "error", err)
+		logger.Error("cannot find the plugin binary, exec with a TTY will not work", "error", err)
 	}
 	return &Driver{
 		self:    self,
@@ -131,7 +134,11 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 		d.logger.Warn("cannot tell the cgroup mode", "error", err)
 	}
 	var imp *closure.Importer
+	var helper string
 	if c.Enabled {
+		if helper, err = installConsoleHelper(c.DataDir); err != nil {
+			return fmt.Errorf("nixos-nspawn plugin config: %w", err)
+		}
 		if imp, err = newImporter(c); err != nil {
 			return fmt.Errorf("nixos-nspawn plugin config: %w", err)
 		}
@@ -139,6 +146,7 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 	}
 	d.mu.Lock()
 	d.config = c
+	d.consoleHelper = helper
 	d.cgroups = cg
 	d.imp = imp
 	if cfg.AgentConfig != nil {
@@ -185,7 +193,7 @@ func (d *Driver) emitter(cfg *drivers.TaskConfig) func(string, map[string]string
 	}
 }
 
-// machineDir holds a machine's root and console cursor.
+// machineDir holds a machine's root, its console files (package console) and its exit file.
 func (d *Driver) machineDir(machine string) string {
 	return filepath.Join(d.pluginConfig().DataDir, "machines", machine)
 }
@@ -337,20 +345,24 @@ func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspa
 			d.logger.Warn("environment variables with names systemd rejects were left out", "names", skipped)
 		}
 	}
-	if err := nspawn.StartCursor(pc.JournalctlPath, nspawn.CursorPath(filepath.Dir(spec.Root))); err != nil {
+	machineDir := filepath.Dir(spec.Root)
+	if err := console.Prepare(machineDir); err != nil {
 		return nspawn.UnitStatus{}, err
 	}
 	if err := d.mgr.Start(ctx, spec); err != nil {
 		return nspawn.UnitStatus{}, err
 	}
-	console := nspawn.Console{
-		Journalctl: pc.JournalctlPath,
-		Unit:       spec.Unit(),
-		CursorFile: nspawn.CursorPath(filepath.Dir(spec.Root)),
+	d.mu.RLock()
+	helper := d.consoleHelper
+	d.mu.RUnlock()
+	fw := nspawn.Forwarder{
+		Helper:     helper,
+		MachineDir: machineDir,
 		FIFO:       orDevNull(cfg.StdoutPath),
 		StderrFIFO: orDevNull(cfg.StderrPath),
+		Backlog:    pc.consoleBacklog,
 	}
-	if err := d.mgr.StartUnit(ctx, nspawn.ConsoleUnit(spec.Machine), console.UnitProperties(d.self)); err != nil {
+	if err := d.mgr.StartUnit(ctx, nspawn.ConsoleUnit(spec.Machine), fw.UnitProperties(spec.Unit())); err != nil {
 		return nspawn.UnitStatus{}, fmt.Errorf("starting the console forwarder: %w", err)
 	}
 	deadline := time.Now().Add(registerTimeout)
@@ -413,7 +425,6 @@ func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout ti
 		logger:         d.logger.With("task_id", cfg.ID, "machine", state.Machine),
 		mgr:            d.mgr,
 		cgroups:        cgroups,
-		journalctl:     d.pluginConfig().JournalctlPath,
 		emit:           d.emitter(cfg),
 		taskConfig:     cfg,
 		state:          state,

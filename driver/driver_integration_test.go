@@ -375,8 +375,8 @@ func TestDirsAndEnvironment(t *testing.T) {
 	must.StrContains(t, string(env), `NOMAD_TASK_NAME="dirs"`)
 }
 
-// The console goes through the journal: a machine never blocks on a missing log reader, and a
-// reader that comes late still gets every line, once.
+// The console goes to a file first: a machine never blocks on a missing log reader, and a reader
+// that comes late still gets every line, once.
 func TestConsoleWithoutReader(t *testing.T) {
 	td := newTestDriver(t, "")
 	const lines = 2000
@@ -704,7 +704,7 @@ func TestCyclesLeaveNothing(t *testing.T) {
 	), must.Sprintf("left behind: %v", leftovers(t, dataDir, before)))
 }
 
-// journalctl's JSON drops fields over 4 KiB unless told otherwise: long console lines must arrive.
+// Long console lines arrive whole (journalctl's JSON once dropped fields over 4 KiB).
 func TestLongConsoleLine(t *testing.T) {
 	td := newTestDriver(t, "")
 	long := strings.Repeat("0123456789", 1000)

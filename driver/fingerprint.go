@@ -64,7 +64,7 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 		problems = append(problems, "the plugin does not run as root (on NixOS set services.nomad.dropPrivileges = false)")
 	}
 	for _, tool := range []struct{ field, path string }{
-		{"nspawn_path", pc.NspawnPath}, {"systemd_run_path", pc.SystemdRunPath}, {"journalctl_path", pc.JournalctlPath},
+		{"nspawn_path", pc.NspawnPath}, {"systemd_run_path", pc.SystemdRunPath},
 		{"nsenter_path", pc.NsenterPath},
 	} {
 		if fi, err := os.Stat(tool.path); err != nil || fi.IsDir() || fi.Mode().Perm()&0o111 == 0 {

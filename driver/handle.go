@@ -4,8 +4,11 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -14,6 +17,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 
 	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
+	"github.com/nomad-nixos/nomad-driver-nixos/console"
 	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
@@ -29,17 +33,19 @@ const (
 const (
 	// consoleTailLines is how much of the console an error about a failed machine quotes.
 	consoleTailLines = 20
-	// consoleDrainWait is a little over the forwarder's own bound on draining.
-	consoleDrainWait = 35 * time.Second
+	// consoleStallWait is how long an ended machine's forwarder may deliver nothing before the
+	// exit is reported without waiting for the rest: Nomad's reader may be gone.
+	consoleStallWait = 30 * time.Second
+	// dropsInterval is how often a handle looks for console output the forwarder dropped.
+	dropsInterval = time.Second
 )
 
 // taskHandle follows one machine: its unit state, readiness, OOM kills, console and exit.
 type taskHandle struct {
-	logger     hclog.Logger
-	mgr        *nspawn.Manager
-	cgroups    cgroupfs.Cgroups
-	journalctl string
-	emit       func(msg string, annotations map[string]string)
+	logger  hclog.Logger
+	mgr     *nspawn.Manager
+	cgroups cgroupfs.Cgroups
+	emit    func(msg string, annotations map[string]string)
 
 	taskConfig   *drivers.TaskConfig
 	state        TaskState
@@ -54,6 +60,9 @@ type taskHandle struct {
 	oomKills    uint64
 	completedAt time.Time
 	exitResult  *drivers.ExitResult
+
+	// dropsMu serialises reporting dropped console output.
+	dropsMu sync.Mutex
 
 	doneCh chan struct{}
 	cancel context.CancelFunc
@@ -92,6 +101,7 @@ func (h *taskHandle) status() *drivers.TaskStatus {
 // run follows the machine until it ends, then records the exit. It returns at once when ctx ends
 // (the plugin shuts down or the task is destroyed), leaving the machine alone.
 func (h *taskHandle) run(ctx context.Context) {
+	go h.watchDrops(ctx)
 	failures := 0
 	for {
 		st, err := h.mgr.Status(ctx, h.state.Unit)
@@ -214,19 +224,18 @@ func (h *taskHandle) watchOOM(ctx context.Context, cgroup string) {
 	}
 }
 
-// finish waits for the console forwarder to deliver the machine's last lines, so they are in the
-// log before the exit is reported, then publishes the exit.
+// finish tells the console forwarder that the machine ended and waits for it to deliver the last
+// lines, so they are in the log before the exit is reported, then publishes the exit.
 func (h *taskHandle) finish(ctx context.Context, st *nspawn.UnitStatus, failure error) {
+	if err := console.MarkEnd(h.state.MachineDir); err != nil {
+		h.logger.Warn("cannot tell the console forwarder that the machine ended", "error", err)
+	}
 	h.awaitConsole(ctx)
 	if ctx.Err() != nil {
 		return
 	}
-	// The last invocation: a machine that rebooted in place runs in a new one.
-	invocation := h.state.InvocationID
-	if st != nil && st.InvocationID != "" {
-		invocation = st.InvocationID
-	}
-	tail := nspawn.ConsoleTail(h.journalctl, invocation, consoleTailLines)
+	h.reportDrops()
+	tail := console.Tail(h.state.MachineDir, consoleTailLines)
 	res := &drivers.ExitResult{ExitCode: -1}
 	if st != nil {
 		// Only the console tells a guest PID 1 killed by a signal apart from exit status 1.
@@ -253,15 +262,21 @@ func (h *taskHandle) finish(ctx context.Context, st *nspawn.UnitStatus, failure 
 	close(h.doneCh)
 }
 
-// awaitConsole waits until the forwarder unit ended; it ends by itself once it drained the
-// console of an ended machine.
+// awaitConsole waits until the forwarder unit ended; it ends by itself once it delivered the
+// console of an ended machine. It may take long for a lot of output, so it gives up only when
+// the forwarder stops making progress.
 func (h *taskHandle) awaitConsole(ctx context.Context) {
 	unit := nspawn.ConsoleUnit(h.state.Machine)
-	deadline := time.Now().Add(consoleDrainWait)
-	for time.Now().Before(deadline) {
+	offsetFile := console.Files{Dir: h.state.MachineDir}.Offset()
+	var offset []byte
+	progressed := time.Now()
+	for time.Since(progressed) < consoleStallWait {
 		st, err := h.mgr.Status(ctx, unit)
 		if ctx.Err() != nil || (err == nil && !st.Running()) {
 			return
+		}
+		if now, _ := os.ReadFile(offsetFile); !bytes.Equal(now, offset) {
+			offset, progressed = now, time.Now()
 		}
 		select {
 		case <-ctx.Done():
@@ -269,7 +284,54 @@ func (h *taskHandle) awaitConsole(ctx context.Context) {
 		case <-time.After(pollInterval):
 		}
 	}
-	h.logger.Warn("the console forwarder did not finish, the log may miss the last lines", "unit", unit)
+	h.logger.Warn("the console forwarder delivers nothing, the log may miss the last lines", "unit", unit, "stalled", consoleStallWait)
+}
+
+// watchDrops reports console output the forwarder dropped as task events until ctx ends.
+func (h *taskHandle) watchDrops(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(dropsInterval):
+			h.reportDrops()
+		}
+	}
+}
+
+// reportDrops turns the forwarder's new drop records into task events. What was reported is
+// kept in a file, so a restarted plugin does not report it again.
+func (h *taskHandle) reportDrops() {
+	h.dropsMu.Lock()
+	defer h.dropsMu.Unlock()
+	files := console.Files{Dir: h.state.MachineDir}
+	b, err := os.ReadFile(files.Dropped())
+	if err != nil {
+		return
+	}
+	seen := 0
+	if s, err := os.ReadFile(files.DroppedSeen()); err == nil {
+		seen, _ = strconv.Atoi(strings.TrimSpace(string(s)))
+	}
+	if seen > len(b) {
+		seen = 0
+	}
+	for _, line := range strings.Split(string(b[seen:]), "\n") {
+		when, n, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		h.emit(fmt.Sprintf("Dropped %s bytes of console output at %s: Nomad's log reader fell more than console_backlog behind", n, when),
+			map[string]string{"dropped_bytes": n, "dropped_at": when})
+	}
+	// Only whole records count as seen; a half-written one is reported once complete.
+	end := seen + bytes.LastIndexByte(b[seen:], '\n') + 1
+	if end == seen {
+		return
+	}
+	if err := os.WriteFile(files.DroppedSeen(), []byte(strconv.Itoa(end)), 0o600); err != nil {
+		h.logger.Warn("cannot record reported console drops", "error", err)
+	}
 }
 
 func (h *taskHandle) result() *drivers.ExitResult {

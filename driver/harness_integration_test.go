@@ -29,7 +29,7 @@ import (
 )
 
 // TestMain lets the test binary stand in for the plugin binary, which the driver also runs as
-// console forwarder and exec session starter.
+// exec session starter.
 func TestMain(m *testing.M) {
 	if code, ok := nspawn.Helper(os.Args[1:]); ok {
 		os.Exit(code)

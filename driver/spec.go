@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 
 	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
+	"github.com/nomad-nixos/nomad-driver-nixos/console"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -36,6 +37,7 @@ func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOpti
 		Description:   fmt.Sprintf("Nomad task %s of allocation %s (job %s)", cfg.Name, cfg.AllocID, cfg.JobName),
 		Root:          filepath.Join(d.machineDir(machine), "root"),
 		ExitFile:      nspawn.ExitFilePath(d.machineDir(machine)),
+		ConsoleFile:   console.Files{Dir: d.machineDir(machine)}.Log(),
 		Toplevel:      tc.Toplevel,
 		InitArgs:      tc.InitArgs,
 		UUID:          hex.EncodeToString(id[:16]),

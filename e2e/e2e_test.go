@@ -189,7 +189,7 @@ func TestPluginKilled(t *testing.T) {
 	runJob(t, "e2e-pluginkill", job("e2e-pluginkill", "batch", tiny(t), []string{"exit=7", "sleep=15s"}, ""))
 	alloc := waitAlloc(t, "e2e-pluginkill", time.Minute, "running", running)
 	waitOutput(t, 30*time.Second, "tinyinit: ready", func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out })
-	// The plugin process has no arguments; its console forwarders do.
+	// The plugin process has no arguments (its console forwarders are another binary).
 	host(t, "pkill", "-KILL", "-f", "/plugins/nomad-driver-nixos$")
 	time.Sleep(2 * time.Second)
 	must.Eq(t, "running", allocations(t, "e2e-pluginkill")[0].ClientStatus)

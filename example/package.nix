@@ -26,6 +26,7 @@ lib.throwIfNot (lib.versionAtLeast go.version goWanted)
           (root + "/go.mod")
           (root + "/go.sum")
           (root + "/cmd")
+          (root + "/console")
           (root + "/driver")
           (root + "/nspawn")
         ])
@@ -37,6 +38,11 @@ lib.throwIfNot (lib.versionAtLeast go.version goWanted)
     vendorHash = lib.fakeHash;
 
     subPackages = [ "cmd/nomad-driver-nixos" ];
+    # The plugin embeds its console helper (driver/helper.go): build that first, as `make build`
+    # does. bin/ holds the plugin alone, since Nomad loads every executable in plugin_dir.
+    preBuild = ''
+      go build -trimpath -ldflags "-s -w" -o driver/consolehelper/nomad-driver-nixos-console ./cmd/nomad-driver-nixos-console
+    '';
     # A static binary, like `make build`.
     env.CGO_ENABLED = 0;
     ldflags = [ "-s" "-w" ];

@@ -47,8 +47,10 @@ type Spec struct {
 	Root string
 	// ExitFile receives the unit's result and exit status when nspawn ends (see UnitProperties).
 	ExitFile string
-	Toplevel string
-	InitArgs []string
+	// ConsoleFile is what the unit appends the machine's console to.
+	ConsoleFile string
+	Toplevel    string
+	InitArgs    []string
 	// UUID becomes the guest's machine ID: derived from the task, so it is stable across restarts.
 	UUID string
 
@@ -203,6 +205,9 @@ func (s *Spec) Validate() error {
 	// The exit file path ends up in a shell command that systemd expands $ in first.
 	if strings.ContainsAny(s.ExitFile, "'$\n\x00") || !filepath.IsAbs(s.ExitFile) {
 		return fmt.Errorf("exit file path %q must be absolute and contain no quote, '$' or control characters", s.ExitFile)
+	}
+	if !filepath.IsAbs(s.ConsoleFile) {
+		return fmt.Errorf("console file path %q must be absolute", s.ConsoleFile)
 	}
 	if !filepath.IsAbs(s.Store.Dir) || strings.ContainsAny(s.Store.Dir, ":\\\n\x00") {
 		return fmt.Errorf("store directory %q must be absolute and contain no ':', '\\' or control characters", s.Store.Dir)

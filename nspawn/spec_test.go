@@ -19,6 +19,7 @@ func testSpec() *Spec {
 		Description:  "Nomad task web of allocation 3f2504e0 (job example)",
 		Root:         "/var/lib/nomad-driver-nixos/machines/nomad-3f2504e0-web/root",
 		ExitFile:     "/var/lib/nomad-driver-nixos/machines/nomad-3f2504e0-web/exit",
+		ConsoleFile:  "/var/lib/nomad-driver-nixos/machines/nomad-3f2504e0-web/console.log",
 		Toplevel:     testToplevel,
 		InitArgs:     []string{"systemd.unit=multi-user.target", "--help"},
 		UUID:         "5c3d1ea1b6f84ff1a6a04bc1e4c1a0d2",
@@ -131,6 +132,7 @@ func TestSpecValidate(t *testing.T) {
 	}{
 		{"valid", func(*Spec) {}, ""},
 		{"no exit file", func(s *Spec) { s.ExitFile = "" }, "exit file"},
+		{"relative console file", func(s *Spec) { s.ConsoleFile = "console.log" }, `"console.log"`},
 		{"relative exit file", func(s *Spec) { s.ExitFile = "exit" }, `"exit"`},
 		{"quote in exit file", func(s *Spec) { s.ExitFile = "/a'b" }, `"/a'b"`},
 		{"dollar in exit file", func(s *Spec) { s.ExitFile = "/a$b" }, `"/a$b"`},

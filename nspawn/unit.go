@@ -44,7 +44,8 @@ type exitStatusSet struct {
 func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 	props := []sddbus.Property{
 		sddbus.PropDescription(s.Description),
-		s.execStart(),
+		// ignore-failure: the exit status is in ExitFile either way.
+		execStart(s.Args(), true),
 		// nspawn says READY=1 only once the guest did (--notify-ready=yes), so activation of the
 		// unit is the guest's readiness, and TimeoutStartSec is the ready timeout.
 		sddbus.PropType("notify"),
@@ -76,14 +77,11 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		// the driver reports it and the exit, instead of systemd stopping the whole machine.
 		prop("OOMPolicy", "continue"),
 		prop("StandardInput", "null"),
-		// The console goes to the journal: it never blocks the machine, and the driver forwards it
-		// to Nomad from a cursor that survives plugin restarts.
-		prop("StandardOutput", "journal"),
-		prop("StandardError", "journal"),
-		// A console line starting with "<0>" to "<7>" is the guest's text, not a log level for
-		// journald to strip.
-		prop("SyslogLevelPrefix", false),
-		prop("LogRateLimitIntervalUSec", uint64(0)),
+		// The console goes to a file, in one ordered stream: appending to a local file never
+		// blocks the machine for long, and nothing rate-limits it as journald does. The console
+		// helper forwards it to Nomad from an offset that survives restarts (package console).
+		prop("StandardOutputFileToAppend", s.ConsoleFile),
+		prop("StandardError", "inherit"),
 		// As systemd-nspawn@.service: no device nodes but the ones a container needs.
 		prop("DevicePolicy", "closed"),
 		prop("DeviceAllow", []deviceAllow{{"/dev/net/tun", "rwm"}, {"char-pts", "rw"}}),
@@ -117,22 +115,25 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 	return props, nil
 }
 
-// execStart is the unit's command: nspawn with the spec's arguments, exactly. systemd expands
-// $VAR, ${VAR} and $$ in ExecStart= when it runs it (% specifiers only in unit files, never in
-// properties set over D-Bus), so a command with a '$' is given as ExecStartEx= with
-// no-env-expand (systemd 243 and later). A command without one stays ExecStart=: systemd 252
-// (Debian 12) writes ExecStartEx= into the transient unit file under a key it cannot read back,
-// so after a daemon-reload the unit has no command left for an in-place reboot; newer versions
-// write ExecStart= with the flag. ignore-failure is what ExecStart's flag has always been here:
-// the exit status is in ExitFile either way.
-func (s *Spec) execStart() sddbus.Property {
-	args := s.Args()
+// execStart is a unit's command, passed exactly. systemd expands $VAR, ${VAR} and $$ in
+// ExecStart= when it runs it (% specifiers only in unit files, never in properties set over
+// D-Bus), so a command with a '$' is given as ExecStartEx= with no-env-expand (systemd 243 and
+// later). A command without one stays ExecStart=: systemd 252 (Debian 12) writes ExecStartEx=
+// into the transient unit file under a key it cannot read back, so after a daemon-reload the unit
+// has no command left (for a machine's in-place reboot); newer versions write ExecStart= with the
+// flag. ignoreFailure is systemd's "-" prefix.
+func execStart(args []string, ignoreFailure bool) sddbus.Property {
 	for _, a := range args {
 		if strings.Contains(a, "$") {
-			return prop("ExecStartEx", []execCommandEx{{Path: args[0], Args: args, Flags: []string{"ignore-failure", "no-env-expand"}}})
+			var flags []string
+			if ignoreFailure {
+				flags = append(flags, "ignore-failure")
+			}
+			flags = append(flags, "no-env-expand")
+			return prop("ExecStartEx", []execCommandEx{{Path: args[0], Args: args, Flags: flags}})
 		}
 	}
-	return sddbus.PropExecStart(args, true)
+	return sddbus.PropExecStart(args, ignoreFailure)
 }
 
 // CPUMask turns a cpuset list such as "0-2,5" into systemd's AllowedCPUs byte mask.

@@ -55,7 +55,9 @@ func TestUnitProperties_Base(t *testing.T) {
 	propIs(t, props, "Description", "s", s.Description)
 	propIs(t, props, "NotifyAccess", "s", "all")
 	propIs(t, props, "DevicePolicy", "s", "closed")
-	propIs(t, props, "SyslogLevelPrefix", "b", false)
+	// The console goes to a file in one stream, not to the journal, which rate-limits.
+	propIs(t, props, "StandardOutputFileToAppend", "s", s.ConsoleFile)
+	propIs(t, props, "StandardError", "s", "inherit")
 	must.EqOp(t, "a(ss)", props["DeviceAllow"].Signature().String())
 	must.EqOp(t, "a(sasb)", props["ExecStart"].Signature().String())
 	must.EqOp(t, "a(sasb)", props["ExecStopPost"].Signature().String())

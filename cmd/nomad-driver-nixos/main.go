@@ -15,7 +15,8 @@ import (
 )
 
 func main() {
-	// Each machine's console forwarder and exec sessions are this binary too.
+	// Exec sessions inside machines start as this binary too (the console forwarder is a helper
+	// binary of its own, embedded in the driver package).
 	if code, ok := nspawn.Helper(os.Args[1:]); ok {
 		os.Exit(code)
 	}

@@ -26,7 +26,6 @@ plugin "nomad-driver-nixos" {
     # /run/current-system/sw/bin, or give absolute paths:
     # nspawn_path      = "/run/current-system/sw/bin/systemd-nspawn"
     # systemd_run_path = "/run/current-system/sw/bin/systemd-run"
-    # journalctl_path  = "/run/current-system/sw/bin/journalctl"
     # nsenter_path     = "/run/current-system/sw/bin/nsenter"
     slice     = "machine.slice"
     tasks_max = 16384

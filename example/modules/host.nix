@@ -48,7 +48,7 @@ in
         The plugin's configuration: the `config` block of
         `plugin "nomad-driver-nixos"` in the Nomad agent configuration. Other
         keys (`slice`, `tasks_max`, `nspawn_path`, `systemd_run_path`,
-        `journalctl_path`, `nsenter_path`) are passed on as given; see the
+        `nsenter_path`, `console_backlog`) are passed on as given; see the
         project README for their meaning and defaults.
       '';
     };
@@ -68,7 +68,7 @@ in
       dropPrivileges = false;
       # nixpkgs links the bin/ of each of these into Nomad's -plugin-dir.
       extraSettingsPlugins = [ cfg.package ];
-      # The plugin finds systemd-nspawn, systemd-run and journalctl (systemd)
+      # The plugin finds systemd-nspawn and systemd-run (systemd)
       # and nsenter (util-linux) in PATH, which it inherits from the agent.
       extraPackages = [
         config.systemd.package

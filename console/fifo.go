@@ -1,7 +1,7 @@
 // Copyright (c) The nomad-driver-nixos authors
 // SPDX-License-Identifier: MPL-2.0
 
-package nspawn
+package console
 
 import (
 	"context"
@@ -20,7 +20,7 @@ func openFIFO(ctx context.Context, path string) (*fifoWriter, error) {
 	for {
 		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NONBLOCK, 0)
 		if err == nil {
-			return &fifoWriter{ctx: ctx, f: f}, nil
+			return &fifoWriter{f: f}, nil
 		}
 		if !errors.Is(err, syscall.ENXIO) {
 			return nil, err
@@ -33,15 +33,14 @@ func openFIFO(ctx context.Context, path string) (*fifoWriter, error) {
 	}
 }
 
-// fifoWriter writes to a FIFO until its context ends; the context may be replaced between writes.
+// fifoWriter writes to a FIFO opened non-blocking.
 type fifoWriter struct {
-	ctx context.Context
-	f   *os.File
+	f *os.File
 }
 
-// Write blocks while the FIFO is full, but never past the writer's context. Go polls a FIFO
-// opened non-blocking, so a full pipe shows up as a passed deadline, or as EAGAIN otherwise.
-func (w *fifoWriter) Write(p []byte) (int, error) {
+// Write blocks while the FIFO is full, but never past ctx. Go polls a FIFO opened non-blocking,
+// so a full pipe shows up as a passed deadline, or as EAGAIN otherwise.
+func (w *fifoWriter) Write(ctx context.Context, p []byte) (int, error) {
 	written := 0
 	for written < len(p) {
 		_ = w.f.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
@@ -54,8 +53,8 @@ func (w *fifoWriter) Write(p []byte) (int, error) {
 			return written, err
 		}
 		select {
-		case <-w.ctx.Done():
-			return written, w.ctx.Err()
+		case <-ctx.Done():
+			return written, ctx.Err()
 		case <-time.After(fifoRetry):
 		}
 	}

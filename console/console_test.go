@@ -1,0 +1,230 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package console
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/shoenig/test/must"
+)
+
+// setup makes a machine directory with a console log holding content, and a FIFO with a reader
+// that collects everything.
+func setup(t *testing.T, content string) (dir, fifo string, got func() string) {
+	t.Helper()
+	dir = t.TempDir()
+	must.NoError(t, Prepare(dir))
+	must.NoError(t, os.WriteFile(Files{dir}.Log(), []byte(content), 0o600))
+	fifo = filepath.Join(t.TempDir(), "stdout.fifo")
+	must.NoError(t, syscall.Mkfifo(fifo, 0o600))
+	out := make(chan string, 1)
+	go func() {
+		r, err := os.Open(fifo)
+		if err != nil {
+			out <- err.Error()
+			return
+		}
+		defer r.Close()
+		b, _ := io.ReadAll(r)
+		out <- string(b)
+	}()
+	return dir, fifo, func() string {
+		select {
+		case s := <-out:
+			return s
+		case <-time.After(10 * time.Second):
+			t.Fatal("the FIFO reader got no end of file")
+			return ""
+		}
+	}
+}
+
+func run(t *testing.T, fw *Forwarder) error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return fw.Run(ctx)
+}
+
+func TestForward_EndedMachine(t *testing.T) {
+	dir, fifo, got := setup(t, "Welcome\r\nto NixOS\r\nno newline at the end\r")
+	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, run(t, &Forwarder{Dir: dir, FIFO: fifo, Backlog: 1 << 30}))
+	must.EqOp(t, "Welcome\nto NixOS\nno newline at the end\r", got())
+	off, err := readOffset(Files{dir}.Offset())
+	must.NoError(t, err)
+	must.EqOp(t, 41, off)
+}
+
+// A forwarder follows the log as it grows and ends once the end is marked and all is delivered.
+func TestForward_Follows(t *testing.T) {
+	dir, fifo, got := setup(t, "")
+	done := make(chan error, 1)
+	go func() { done <- run(t, &Forwarder{Dir: dir, FIFO: fifo, Backlog: 1 << 30}) }()
+	log, err := os.OpenFile(Files{dir}.Log(), os.O_APPEND|os.O_WRONLY, 0)
+	must.NoError(t, err)
+	defer log.Close()
+	var want strings.Builder
+	for i := range 2000 {
+		line := fmt.Sprintf("line %d\r\n", i)
+		_, err := log.WriteString(line)
+		must.NoError(t, err)
+		want.WriteString(strings.ReplaceAll(line, "\r\n", "\n"))
+		if i%500 == 0 {
+			// "\r" and "\n" in separate writes: the pair still becomes "\n".
+			_, _ = log.WriteString("split\r")
+			time.Sleep(20 * time.Millisecond)
+			_, _ = log.WriteString("\n")
+			want.WriteString("split\n")
+		}
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("forwarder ended before the machine did: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, <-done)
+	must.EqOp(t, want.String(), got())
+}
+
+// A stopped forwarder saves its offset; the next one delivers the rest, nothing twice.
+func TestForward_ResumesAtOffset(t *testing.T) {
+	dir, fifo, got := setup(t, "one\r\ntwo\r\n")
+	must.NoError(t, os.WriteFile(Files{dir}.Offset(), []byte("5"), 0o600))
+	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, run(t, &Forwarder{Dir: dir, FIFO: fifo, Backlog: 1 << 30}))
+	must.EqOp(t, "two\n", got())
+
+	must.NoError(t, os.WriteFile(Files{dir}.Offset(), []byte("x"), 0o600))
+	err := (&Forwarder{Dir: dir, FIFO: os.DevNull}).Run(context.Background())
+	must.ErrorContains(t, err, "want a byte count")
+}
+
+func TestForward_StoppedSavesOffset(t *testing.T) {
+	dir, fifo, _ := setup(t, "")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- (&Forwarder{Dir: dir, FIFO: fifo, Backlog: 1 << 30}).Run(ctx) }()
+	must.NoError(t, os.WriteFile(Files{dir}.Log(), []byte("a\r\nb\r\n"), 0o600))
+	time.Sleep(300 * time.Millisecond)
+	cancel()
+	must.ErrorIs(t, <-done, ErrStopped)
+	off, err := readOffset(Files{dir}.Offset())
+	must.NoError(t, err)
+	must.EqOp(t, 6, off)
+}
+
+// Past the backlog bound the undelivered part is dropped, with a marker line in the stream and
+// a record for the plugin; what comes after is delivered.
+func TestForward_DropsBacklog(t *testing.T) {
+	content := strings.Repeat("0123456789\r\n", 100) + "the newest line"
+	dir, fifo, got := setup(t, content)
+	at := time.Date(2026, 12, 2, 18, 0, 0, 0, time.UTC)
+	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, run(t, &Forwarder{Dir: dir, FIFO: fifo, Backlog: 100, Now: func() time.Time { return at }}))
+	want := "nomad-driver-nixos: dropped 1200 bytes of console output at 2026-12-02T18:00:00Z (Nomad's log reader was more than 100B behind)\nthe newest line"
+	must.EqOp(t, want, got())
+	rec, err := os.ReadFile(Files{dir}.Dropped())
+	must.NoError(t, err)
+	must.EqOp(t, "2026-12-02T18:00:00Z 1200\n", string(rec))
+}
+
+// The marker starts a line of its own when the drop cuts one.
+func TestDrop_MidLine(t *testing.T) {
+	dir, fifo, got := setup(t, "")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- (&Forwarder{Dir: dir, FIFO: fifo, Backlog: 50}).Run(ctx) }()
+	log, err := os.OpenFile(Files{dir}.Log(), os.O_APPEND|os.O_WRONLY, 0)
+	must.NoError(t, err)
+	_, _ = log.WriteString("start of a line")
+	time.Sleep(300 * time.Millisecond)
+	_, _ = log.WriteString(strings.Repeat("x", 100) + "\n")
+	log.Close()
+	time.Sleep(300 * time.Millisecond)
+	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, <-done)
+	out := got()
+	must.StrHasPrefix(t, "start of a line\nnomad-driver-nixos: dropped 101 bytes", out)
+	must.StrHasSuffix(t, "behind)\n", out)
+}
+
+// Delivered blocks are freed, but the last KeepTail bytes stay readable for Tail.
+func TestForward_PunchesDelivered(t *testing.T) {
+	var b bytes.Buffer
+	for i := 0; b.Len() < 8<<20; i++ {
+		fmt.Fprintf(&b, "line %d\r\n", i)
+	}
+	dir, fifo, got := setup(t, b.String())
+	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, run(t, &Forwarder{Dir: dir, FIFO: fifo, Backlog: 1 << 30}))
+	must.EqOp(t, strings.ReplaceAll(b.String(), "\r\n", "\n"), got())
+	var st syscall.Stat_t
+	must.NoError(t, syscall.Stat(Files{dir}.Log(), &st))
+	if st.Blocks*512 > 4<<20 {
+		t.Skipf("%s does not punch holes (%d bytes allocated)", dir, st.Blocks*512)
+	}
+	lines := strings.Split(strings.TrimRight(b.String(), "\r\n"), "\r\n")
+	must.Eq(t, lines[len(lines)-3:], Tail(dir, 3))
+}
+
+func TestTail(t *testing.T) {
+	dir := t.TempDir()
+	must.SliceEmpty(t, Tail(dir, 20))
+	must.NoError(t, Prepare(dir))
+	must.SliceEmpty(t, Tail(dir, 20))
+	must.NoError(t, os.WriteFile(Files{dir}.Log(), []byte("a\r\nb\r\nContainer x terminated by signal KILL.\r\n"), 0o600))
+	must.Eq(t, []string{"b", "Container x terminated by signal KILL."}, Tail(dir, 2))
+	must.Eq(t, []string{"a", "b", "Container x terminated by signal KILL."}, Tail(dir, 20))
+}
+
+func TestPrepare_ClearsEarlierMachine(t *testing.T) {
+	dir := t.TempDir()
+	f := Files{dir}
+	for _, p := range []string{f.Log(), f.Offset(), f.End(), f.Dropped(), f.DroppedSeen()} {
+		must.NoError(t, os.WriteFile(p, []byte("old"), 0o600))
+	}
+	must.NoError(t, Prepare(dir))
+	b, err := os.ReadFile(f.Log())
+	must.NoError(t, err)
+	must.SliceEmpty(t, b)
+	for _, p := range []string{f.Offset(), f.End(), f.Dropped(), f.DroppedSeen()} {
+		_, err := os.Stat(p)
+		must.True(t, errors.Is(err, os.ErrNotExist), must.Sprint(p))
+	}
+}
+
+func TestInputLen(t *testing.T) {
+	in := []byte("ab\r\ncd\r\n")
+	for _, c := range []struct{ out, in int }{{0, 0}, {2, 2}, {3, 4}, {5, 6}, {6, 8}} {
+		must.EqOp(t, c.in, inputLen(in, c.out), must.Sprintf("out %d", c.out))
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for s, want := range map[string]int64{"1GiB": 1 << 30, "512MiB": 512 << 20, "100MB": 100e6, "64KiB": 64 << 10, "10B": 10, " 2 GiB ": 2 << 30} {
+		got, err := ParseSize(s)
+		must.NoError(t, err, must.Sprint(s))
+		must.EqOp(t, want, got, must.Sprint(s))
+	}
+	for _, s := range []string{"", "1000", "0GiB", "-1MiB", "1.5GiB", "GiB", "1 PB", "99999999999TiB"} {
+		_, err := ParseSize(s)
+		must.ErrorContains(t, err, "is not a size", must.Sprint(s))
+	}
+	must.EqOp(t, "1GiB", FormatSize(1<<30))
+	must.EqOp(t, "1500B", FormatSize(1500))
+	must.EqOp(t, "3MiB", FormatSize(3<<20))
+}
