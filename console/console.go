@@ -38,8 +38,13 @@ const (
 )
 
 const (
-	// chunk is how much one read of the log and one write to the FIFO move.
+	// chunk is how much one read of the log moves.
 	chunk = 64 << 10
+	// atomicWrite is PIPE_BUF: a write to a pipe of at most this much is atomic, all or nothing.
+	// Each write to the FIFO is one such piece, ending at a line's end where it can, and the
+	// offset is saved after each, so a forwarder killed at any moment (even by SIGKILL) leaves
+	// no partial line behind; at most the one piece it wrote but had not recorded comes again.
+	atomicWrite = 4096
 	// KeepTail is how much of the log stays readable behind the forwarded offset; the rest is
 	// punched out, so a machine's log takes little disk however much it printed.
 	KeepTail = 64 << 10
@@ -127,13 +132,18 @@ func (fw *Forwarder) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	offsetFile, err := os.OpenFile(files.Offset(), os.O_CREATE|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("opening the console offset: %w", err)
+	}
+	defer offsetFile.Close()
 	notify, err := newWatch(fw.Dir)
 	if err != nil {
 		return err
 	}
 	defer notify.Close()
 
-	s := &state{fw: fw, files: files, log: log, out: out, offset: offset, translated: make([]byte, 0, chunk)}
+	s := &state{fw: fw, files: files, log: log, out: out, offsetFile: offsetFile, offset: offset, translated: make([]byte, 0, atomicWrite)}
 	s.atLineStart = offset == 0 || s.byteBefore(offset) == '\n'
 	buf := make([]byte, chunk)
 	for {
@@ -174,6 +184,7 @@ type state struct {
 	files       Files
 	log         *os.File
 	out         *fifoWriter
+	offsetFile  *os.File
 	offset      int64
 	punched     int64
 	atLineStart bool
@@ -189,9 +200,9 @@ func (s *state) byteBefore(offset int64) byte {
 	return b[0]
 }
 
-// forward delivers one chunk of the log from the offset. A console is a terminal, so lines end
-// in "\r\n"; they are delivered with "\n" alone. A "\r" at the end of what is there yet waits for
-// the next byte, unless the machine ended.
+// forward delivers one chunk of the log from the offset, in atomic pieces. A console is a
+// terminal, so lines end in "\r\n"; they are delivered with "\n" alone. A "\r" at the end of what
+// is there yet waits for the next byte, unless the machine ended.
 func (s *state) forward(ctx context.Context, buf []byte, size int64, ended bool) (bool, error) {
 	if s.offset >= size {
 		return false, nil
@@ -208,20 +219,39 @@ func (s *state) forward(ctx context.Context, buf []byte, size int64, ended bool)
 	if len(in) == 0 {
 		return false, nil
 	}
-	out := crlfToLF(s.translated[:0], in)
-	written, werr := s.out.Write(ctx, out)
-	consumed := inputLen(in, written)
-	if consumed > 0 {
-		s.offset += int64(consumed)
-		s.atLineStart = out[written-1] == '\n'
+	for len(in) > 0 {
+		piece := nextPiece(in)
+		out := crlfToLF(s.translated[:0], piece)
+		if written, err := s.out.Write(ctx, out); err != nil || written != len(out) {
+			if err == nil {
+				err = io.ErrShortWrite
+			}
+			return false, s.writeError(ctx, err)
+		}
+		s.offset += int64(len(piece))
+		s.atLineStart = out[len(out)-1] == '\n'
 		if err := s.save(); err != nil {
 			return false, err
 		}
-	}
-	if werr != nil {
-		return false, s.writeError(ctx, werr)
+		in = in[len(piece):]
 	}
 	return true, nil
+}
+
+// nextPiece is the start of in that goes to the FIFO in one atomic write: at most atomicWrite
+// bytes, cut after its last line end when more follows, and never split between "\r" and "\n".
+func nextPiece(in []byte) []byte {
+	if len(in) <= atomicWrite {
+		return in
+	}
+	piece := in[:atomicWrite]
+	if i := bytes.LastIndexByte(piece, '\n'); i >= 0 {
+		return piece[:i+1]
+	}
+	if piece[len(piece)-1] == '\r' {
+		return piece[:len(piece)-1]
+	}
+	return piece
 }
 
 // writeError turns a failed write into the forwarder's result. A FIFO whose reader went away is
@@ -248,19 +278,6 @@ func crlfToLF(dst, src []byte) []byte {
 		src = src[i+2:]
 	}
 	return dst
-}
-
-// inputLen is how many bytes of in the first outN bytes of its "\r\n" to "\n" translation came from.
-func inputLen(in []byte, outN int) int {
-	i, o := 0, 0
-	for o < outN && i < len(in) {
-		if in[i] == '\r' && i+1 < len(in) && in[i+1] == '\n' {
-			i++
-		}
-		i++
-		o++
-	}
-	return i
 }
 
 // drop skips everything not delivered yet but the newest line, which may still be growing,
@@ -317,14 +334,11 @@ func DropMarker(bytes int64, when string, backlog int64) string {
 		bytes, when, FormatSize(backlog))
 }
 
-// save records the offset (atomically: a forwarder killed at any moment leaves a whole one) and
-// frees the log's blocks that were delivered long enough ago.
+// save records the offset and frees the log's blocks that were delivered long enough ago. The
+// record has a fixed width and is written in place with one write, so a forwarder killed at any
+// moment leaves a whole one, old or new.
 func (s *state) save() error {
-	tmp := s.files.Offset() + ".tmp"
-	if err := os.WriteFile(tmp, []byte(strconv.FormatInt(s.offset, 10)), 0o600); err != nil {
-		return fmt.Errorf("saving the console offset: %w", err)
-	}
-	if err := os.Rename(tmp, s.files.Offset()); err != nil {
+	if _, err := s.offsetFile.WriteAt([]byte(fmt.Sprintf("%020d\n", s.offset)), 0); err != nil {
 		return fmt.Errorf("saving the console offset: %w", err)
 	}
 	if end := (s.offset - KeepTail) &^ 4095; end-s.punched >= punchStep {

@@ -207,11 +207,21 @@ func TestPrepare_ClearsEarlierMachine(t *testing.T) {
 	}
 }
 
-func TestInputLen(t *testing.T) {
-	in := []byte("ab\r\ncd\r\n")
-	for _, c := range []struct{ out, in int }{{0, 0}, {2, 2}, {3, 4}, {5, 6}, {6, 8}} {
-		must.EqOp(t, c.in, inputLen(in, c.out), must.Sprintf("out %d", c.out))
-	}
+// Pieces fit one atomic pipe write, end at a line's end when more follows, and never split "\r\n".
+func TestNextPiece(t *testing.T) {
+	short := []byte("ab\r\ncd")
+	must.Eq(t, short, nextPiece(short))
+
+	lines := bytes.Repeat([]byte("0123456789abcd\r\n"), 1000)
+	p := nextPiece(lines)
+	must.LessEq(t, atomicWrite, len(p))
+	must.True(t, bytes.HasSuffix(p, []byte("\r\n")))
+	must.Greater(t, atomicWrite-16, len(p))
+
+	long := bytes.Repeat([]byte("x"), 2*atomicWrite)
+	must.EqOp(t, atomicWrite, len(nextPiece(long)))
+	long[atomicWrite-1] = '\r'
+	must.EqOp(t, atomicWrite-1, len(nextPiece(long)))
 }
 
 func TestParseSize(t *testing.T) {
