@@ -56,11 +56,30 @@ mirror() {
 	grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -E '/debian/?$' | head -n1
 }
 
+# The debootstrapped image, kept as a tarball between runs: it is the new machine before anything
+# of the project touched it (debootstrap alone takes over ten minutes here).
+make_image() {
+	local image=$FRESH_DIR/image-$(echo "bookworm $INCLUDE" | sha256sum | cut -c1-12).tar
+	if [[ ! -f $image ]]; then
+		log "debootstrap bookworm (over ten minutes; kept as $image)"
+		rm -rf "$FRESH_DIR/image.tmp" "$FRESH_DIR"/image-*.tar
+		debootstrap --include="$INCLUDE" bookworm "$FRESH_DIR/image.tmp" "$(mirror)" >"$LOGS/debootstrap.log" 2>&1 ||
+			{ tail -n 20 "$LOGS/debootstrap.log" >&2; die "debootstrap failed"; }
+		tar -C "$FRESH_DIR/image.tmp" --xattrs --xattrs-include='*' -cf "$image.tmp" .
+		mv "$image.tmp" "$image"
+		rm -rf "$FRESH_DIR/image.tmp"
+	fi
+	mkdir -p "$ROOT"
+	tar -C "$ROOT" --xattrs --xattrs-include='*' -xf "$image"
+}
+
 make_tree() {
-	log "debootstrap bookworm into $ROOT (a few minutes)"
-	mkdir -p "$FRESH_DIR"
-	debootstrap --include="$INCLUDE" bookworm "$ROOT" "$(mirror)" >"$LOGS/debootstrap.log" 2>&1 ||
-		{ tail -n 20 "$LOGS/debootstrap.log" >&2; die "debootstrap failed"; }
+	make_image
+	# The machine's TLS trust: this workplace's egress goes through a proxy with CAs of its own,
+	# which every new machine of this kind has in its bundle.
+	mkdir -p "$ROOT/usr/local/share/ca-certificates"
+	cp -a /usr/local/share/ca-certificates/. "$ROOT/usr/local/share/ca-certificates/" 2>/dev/null || true
+	cp -a /etc/ssl/certs/. "$ROOT/etc/ssl/certs/"
 	# The build machine's apt setup, as a new machine of this kind has it.
 	rm -f "$ROOT"/etc/apt/sources.list
 	cp -a /etc/apt/sources.list.d/. "$ROOT/etc/apt/sources.list.d/"
