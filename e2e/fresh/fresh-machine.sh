@@ -145,6 +145,9 @@ run_inside() {
 		bash -s "$ROOT" "$LOGS" "$CHECKOUT" "$GUEST_PATH" "$INSTANCE" <<-'EOF'
 			set -euo pipefail
 			root=$1 logs=$2 checkout=$3 path=$4 instance=$5
+			# A mount point as /, as a machine has: systemd-nspawn makes / a slave mount and
+			# fails with EINVAL inside a chroot whose root is a plain directory.
+			mount --bind "$root" "$root"
 			mount -t proc proc "$root/proc"
 			# sysfs of this network namespace, with the machine's cgroup hierarchies under it.
 			mount -t sysfs sysfs "$root/sys"
