@@ -110,7 +110,10 @@ write_steps() {
 			echo "== $name: $* ($(date -u +%T))"
 			"$@" >"/fresh-logs/$name.log" 2>&1 || rc=$?
 			echo "$name $((SECONDS - t0)) $( ((rc == 0)) && echo ok || echo "failed($rc)")" | tee -a /fresh-logs/times
-			((rc == 0)) || tail -n 40 "/fresh-logs/$name.log"
+			if ((rc != 0)); then
+				tail -n 40 "/fresh-logs/$name.log"
+				cp /run/nomad-driver-nixos-testhost/console.log "/fresh-logs/$name.testhost-console.log" 2>/dev/null
+			fi
 			return "$rc"
 		}
 		rc=0
@@ -138,15 +141,15 @@ net_up() {
 	die "slirp4netns did not configure tap0 (log: $LOGS/slirp4netns.log)"
 }
 
-# Mount what the tree needs inside new mount and PID namespaces and run the steps; the
+# Mount what the tree needs inside new mount and PID namespaces, make it their root, and run the steps; the
 # namespaces (and so every mount and process) end with the steps.
 run_inside() {
 	nsenter --net="/run/netns/$NETNS" unshare --mount --pid --fork --propagation private \
 		bash -s "$ROOT" "$LOGS" "$CHECKOUT" "$GUEST_PATH" "$INSTANCE" <<-'EOF'
 			set -euo pipefail
 			root=$1 logs=$2 checkout=$3 path=$4 instance=$5
-			# A mount point as /, as a machine has: systemd-nspawn makes / a slave mount and
-			# fails with EINVAL inside a chroot whose root is a plain directory.
+			# A mount point of its own, to become / (pivot_root below): systemd-nspawn makes / a
+			# slave mount and fails with EINVAL where / is a plain directory.
 			mount --bind "$root" "$root"
 			mount -t proc proc "$root/proc"
 			# sysfs of this network namespace, with the machine's cgroup hierarchies under it.
@@ -156,10 +159,17 @@ run_inside() {
 			mount -t tmpfs -o mode=0755 tmpfs "$root/run"
 			mount --bind /usr/local/go "$root/usr/local/go"
 			mount -o remount,bind,ro "$root/usr/local/go"
-			mkdir -p "$root/fresh-logs"
+			mkdir -p "$root/fresh-logs" "$root/.old-root"
 			mount --bind "$logs" "$root/fresh-logs"
+			# The tree becomes this mount namespace's root, as / is a machine's: nsenter -a (how
+			# the scripts enter a test host) finds a machine's root by the namespace's root, which
+			# a chroot would leave at the build machine's /.
+			cd "$root"
+			pivot_root . .old-root
+			umount -l /.old-root
+			rmdir /.old-root
 			# The machine's environment as CI gets it, AWS_CA_BUNDLE included.
-			exec chroot "$root" env -i PATH="$path" HOME=/root LANG=C.UTF-8 TERM=dumb CI=true \
+			exec /usr/sbin/chroot / /usr/bin/env -i PATH="$path" HOME=/root LANG=C.UTF-8 TERM=dumb CI=true \
 				AWS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt NIXOS_NSPAWN_INSTANCE="$instance" \
 				bash /fresh-steps.sh "$checkout"
 		EOF
