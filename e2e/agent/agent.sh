@@ -35,7 +35,8 @@ UNIT=nomad-e2e-agent
 # Inside the test host (not bound to the build machine).
 DATA_DIR=/var/lib/nomad-e2e
 # Writable cgroup v1 controllers for Nomad's client, see setup_cgroups.
-CG_NAME=nomad-e2e-agent
+# (in the machine's own freezer and cpuset hierarchies: suffixed as e2e/testhost's names)
+CG_NAME=nomad-e2e-agent${NIXOS_NSPAWN_INSTANCE:+-$NIXOS_NSPAWN_INSTANCE}
 CG_MNT=/run/nomad-e2e-cgroup
 ADDR=http://127.0.0.1:4646
 PORT=4646

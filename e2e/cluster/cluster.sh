@@ -97,7 +97,8 @@ die() {
 machine() { echo "$PREFIX-$1"; }
 node_ns() { echo "$PREFIX-$1"; }
 node_dir() { echo "$RUN_DIR/$1"; }
-cg_name() { echo "nixos-nspawn-$PREFIX-$1"; }
+# Suffixed as e2e/testhost's names: cgroups are the one thing a private /run and netns do not separate.
+cg_name() { echo "nixos-nspawn-$PREFIX-$1${NIXOS_NSPAWN_INSTANCE:+-$NIXOS_NSPAWN_INSTANCE}"; }
 
 # Accept "client1" and "nxcl-client1".
 node_arg() {

@@ -22,8 +22,11 @@ CACHE_DIR=${NIXOS_NSPAWN_CACHE:-/var/cache/nomad-driver-nixos}
 ROOTFS=$CACHE_DIR/testhost-rootfs
 SHARE_DIR=${NIXOS_NSPAWN_SHARE:-$REPO_ROOT}
 RUN_DIR=/run/nomad-driver-nixos-testhost
-MACHINE=nixos-testhost
-CG_NAME=nixos-nspawn-testhost
+# NIXOS_NSPAWN_INSTANCE names a second, independent set of test hosts on one machine (e2e/fresh runs
+# one beside the shared one): it suffixes every name the machine sees, the cgroups here.
+INSTANCE=${NIXOS_NSPAWN_INSTANCE:+-$NIXOS_NSPAWN_INSTANCE}
+MACHINE=nixos-testhost$INSTANCE
+CG_NAME=nixos-nspawn-testhost$INSTANCE
 CONTROLLERS=(memory cpu cpuacct pids)
 SUITE=bookworm
 INCLUDE=systemd,systemd-sysv,dbus,systemd-container,iproute2,e2fsprogs,util-linux,procps
@@ -31,7 +34,7 @@ INCLUDE=systemd,systemd-sysv,dbus,systemd-container,iproute2,e2fsprogs,util-linu
 # Nix makes the host's Nix store (bound from the build machine) writable to the driver.
 EXTRA_PACKAGES=(nix-bin)
 # Bump when the rootfs recipe changes; the stamp mismatch forces a rebuild.
-ROOTFS_VERSION="v1 $SUITE minbase $INCLUDE ${EXTRA_PACKAGES[*]}"
+ROOTFS_VERSION="v2 $SUITE minbase $INCLUDE ${EXTRA_PACKAGES[*]}"
 BOOT_TIMEOUT=${NIXOS_NSPAWN_TESTHOST_BOOT_TIMEOUT:-90}
 GUEST_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -97,7 +100,11 @@ ensure_rootfs() {
 	fi
 	# Keep the image small and boot quiet: no docs, no apt lists.
 	rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*
-	echo "$MACHINE" >"$tmp/etc/hostname"
+	echo nixos-testhost >"$tmp/etc/hostname"
+	# The driver runs nix-store in here: Nix gets its settings from this file, not from defaults
+	# that name a nixbld group Debian's nix-bin never creates.
+	mkdir -p "$tmp/etc/nix"
+	printf '%s\n' '# Written by e2e/testhost/testhost.sh.' 'build-users-group =' >"$tmp/etc/nix/nix.conf"
 	: >"$tmp/etc/machine-id"
 	# Units that only fail or wait for hardware inside a container.
 	local u

@@ -24,9 +24,9 @@ done
 if ((${#missing[@]} > 0)); then
 	log "installing ${missing[*]} with apt-get"
 	export DEBIAN_FRONTEND=noninteractive
-	apt_install() { apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
-	# A fresh machine may have stale or no package lists.
-	apt_install 2>/dev/null || { apt-get update -qq >/dev/null && apt_install; }
+	# A new machine may have stale or no package lists.
+	apt-get update -qq >/dev/null
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 [[ -x $CHROMIUM ]] || die "$CHROMIUM is missing after installing chromium"
 
