@@ -54,20 +54,20 @@ func newImporter(pc PluginConfig) (*closure.Importer, error) {
 	return closure.NewImporter(store, closure.Policy{Keys: pc.keys, AllowUnsigned: pc.AllowUnsigned}), nil
 }
 
-// collectGarbage removes unused closures from the driver's own store until the driver shuts down.
-func (d *Driver) collectGarbage(im *closure.Importer, grace time.Duration) {
+// collectGarbage removes unused closures from the driver's own store until ctx ends.
+func (d *Driver) collectGarbage(ctx context.Context, im *closure.Importer, grace time.Duration) {
 	interval := min(max(grace/2, time.Second), maxGCInterval)
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		removed, err := im.Collect(d.ctx, grace)
+		removed, err := im.Collect(ctx, grace)
 		if err != nil {
 			d.logger.Error("collecting unused store paths", "error", err)
 		} else if len(removed) > 0 {
 			d.logger.Info("removed unused store paths", "count", len(removed))
 		}
 		select {
-		case <-d.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-t.C:
 		}

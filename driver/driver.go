@@ -89,6 +89,8 @@ type Driver struct {
 	compute       cpustats.Compute
 	cgroups       cgroupfs.Cgroups
 	imp           *closure.Importer
+	// stopGC ends the garbage collector of imp.
+	stopGC context.CancelFunc
 
 	// addrMu serialises address allocation.
 	addrMu sync.Mutex
@@ -142,9 +144,18 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 		if imp, err = newImporter(c); err != nil {
 			return fmt.Errorf("nixos-nspawn plugin config: %w", err)
 		}
-		go d.collectGarbage(imp, c.gcGrace)
 	}
 	d.mu.Lock()
+	// One collector, of the importer in use: a new config replaces the last one's.
+	if d.stopGC != nil {
+		d.stopGC()
+		d.stopGC = nil
+	}
+	if imp != nil {
+		ctx, cancel := context.WithCancel(d.ctx)
+		d.stopGC = cancel
+		go d.collectGarbage(ctx, imp, c.gcGrace)
+	}
 	d.config = c
 	d.consoleHelper = helper
 	d.cgroups = cg
@@ -293,7 +304,9 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 	if err := handle.SetDriverState(&state); err != nil {
 		return nil, nil, fmt.Errorf("saving task state: %w", err)
 	}
-	d.track(cfg, state, opts.readyTimeout, false)
+	if err := d.track(cfg, state, opts.readyTimeout, false); err != nil {
+		return nil, nil, err
+	}
 	if link != nil {
 		d.emitter(cfg)(link.describe(), nil)
 	}
@@ -414,7 +427,7 @@ func orDevNull(path string) string {
 
 // track creates the handle of a started or recovered machine and starts following it.
 // reported says whether readiness was already reported (by the plugin before a restart).
-func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout time.Duration, reported bool) *taskHandle {
+func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout time.Duration, reported bool) error {
 	d.mu.RLock()
 	cgroups := d.cgroups
 	d.mu.RUnlock()
@@ -433,9 +446,12 @@ func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout ti
 		doneCh:         make(chan struct{}),
 		cancel:         cancel,
 	}
-	d.tasks.add(cfg.ID, h)
+	if !d.tasks.add(cfg.ID, h) {
+		cancel()
+		return fmt.Errorf("task %s is already running", cfg.ID)
+	}
 	go h.run(ctx)
-	return h
+	return nil
 }
 
 func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
@@ -469,7 +485,9 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 		return err
 	}
 	// A machine that got ready before the restart had its readiness reported then.
-	d.track(handle.Config, state, opts.readyTimeout, st.EverActive)
+	if err := d.track(handle.Config, state, opts.readyTimeout, st.EverActive); err != nil {
+		return err
+	}
 	return nil
 }
 
