@@ -316,18 +316,18 @@ func (h *taskHandle) reportDrops() {
 	if seen > len(b) {
 		seen = 0
 	}
-	for _, line := range strings.Split(string(b[seen:]), "\n") {
+	// Only whole records: a half-written one is reported once complete.
+	end := seen + bytes.LastIndexByte(b[seen:], '\n') + 1
+	if end == seen {
+		return
+	}
+	for _, line := range strings.Split(string(b[seen:end-1]), "\n") {
 		when, n, ok := strings.Cut(line, " ")
 		if !ok {
 			continue
 		}
 		h.emit(fmt.Sprintf("Dropped %s bytes of console output at %s: Nomad's log reader fell more than console_backlog behind", n, when),
 			map[string]string{"dropped_bytes": n, "dropped_at": when})
-	}
-	// Only whole records count as seen; a half-written one is reported once complete.
-	end := seen + bytes.LastIndexByte(b[seen:], '\n') + 1
-	if end == seen {
-		return
 	}
 	if err := os.WriteFile(files.DroppedSeen(), []byte(strconv.Itoa(end)), 0o600); err != nil {
 		h.logger.Warn("cannot record reported console drops", "error", err)
