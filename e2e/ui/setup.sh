@@ -13,6 +13,7 @@ UI_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CHROMIUM=/usr/bin/chromium
 # Fonts: a headless Chromium without any draws text as empty boxes.
 PACKAGES=(chromium fonts-liberation fonts-dejavu-core)
+CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 
 log() { echo "ui-setup: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -39,5 +40,9 @@ want=$(node -p 'require(process.argv[1]).packages["node_modules/playwright-core"
 have=$(node -p 'try { require(process.argv[1]).version } catch { "" }' "$UI_DIR/node_modules/playwright-core/package.json")
 if [[ $have != "$want" ]]; then
 	log "npm ci (playwright-core $want)"
-	(cd "$UI_DIR" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+	# npm trusts only the CAs built into Node unless told otherwise; the machine's own trust store
+	# is what holds a site's proxy or registry CA (ca-certificates is on every Debian machine).
+	cafile=()
+	[[ -f $CA_BUNDLE ]] && cafile=(--cafile="$CA_BUNDLE")
+	(cd "$UI_DIR" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci "${cafile[@]}" --no-audit --no-fund --loglevel=error >/dev/null)
 fi
