@@ -81,8 +81,7 @@ func BenchmarkTimeToAddress(b *testing.B) {
 			_, network, err := d.StartTask(task)
 			b.StopTimer()
 			must.NoError(b, err)
-			_, machine, err := machineOfTaskID(task.ID)
-			must.NoError(b, err)
+			machine := machineOfTaskID(b, task.ID)
 			leader, err := d.mgr.Leader(machine)
 			must.NoError(b, err)
 			out, err := exec.Command("nsenter", "-t", strconv.Itoa(leader), "-n", "ip", "-o", "addr", "show", "dev", hostnet.GuestInterface).CombinedOutput()
@@ -243,8 +242,7 @@ func pluginRSS(b *testing.B, binary, toplevel string, machines int) (float64, me
 	time.Sleep(3 * time.Second)
 	var forwarders memory
 	for _, id := range ids {
-		_, machine, err := machineOfTaskID(id)
-		must.NoError(b, err)
+		machine := machineOfTaskID(b, id)
 		out, err := exec.Command("systemctl", "show", "-p", "MainPID", "--value", nspawn.ConsoleUnit(machine)).Output()
 		must.NoError(b, err)
 		pid, err := strconv.Atoi(strings.TrimSpace(string(out)))

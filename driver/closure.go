@@ -83,8 +83,8 @@ func (d *Driver) importer() *closure.Importer {
 
 // fetchClosure brings the task's closure into the store, rooted under the machine's name, and
 // returns what the machine sees in /nix/store.
-func (d *Driver) fetchClosure(ctx context.Context, cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions, machine string) (nspawn.StoreView, error) {
-	im := d.importer()
+func (d *Driver) fetchClosure(ctx context.Context, m *machine, cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions) (nspawn.StoreView, error) {
+	im := m.imp
 	if im == nil {
 		return nspawn.StoreView{}, errors.New("the plugin is not configured")
 	}
@@ -93,7 +93,7 @@ func (d *Driver) fetchClosure(ctx context.Context, cfg *drivers.TaskConfig, tc *
 	if o.storeView == storeViewHost && store.Kind() != closure.KindHost {
 		return nspawn.StoreView{}, fmt.Errorf(`store_view = "host": needs the host's Nix store, but this client keeps closures in the driver's own store (plugin config store = %q)`, pc.Store)
 	}
-	req := closure.Request{Toplevel: tc.Toplevel, Root: machine}
+	req := closure.Request{Toplevel: tc.Toplevel, Root: m.name}
 	var taskDir *os.Root
 	if tc.BinaryCache != "" || tc.Export != "" {
 		if cfg.TaskDir() == nil || cfg.TaskDir().Dir == "" {
@@ -172,7 +172,7 @@ func (d *Driver) fetchClosure(ctx context.Context, cfg *drivers.TaskConfig, tc *
 	if o.storeView == storeViewHost {
 		return nspawn.StoreView{Dir: store.Dir()}, nil
 	}
-	return closureView(store.Dir(), filepath.Join(d.machineDir(machine), "store"), res.Requisites)
+	return closureView(store.Dir(), m.storeView(), res.Requisites)
 }
 
 // checkTaskSubstituters lets a task name only binary caches the operator listed, as Nix lets

@@ -183,9 +183,7 @@ func TestClosureDeliveryToOwnStore(t *testing.T) {
 func itoa(n int) string { return strconv.Itoa(n) }
 
 func machineOf(t *testing.T, cfg *drivers.TaskConfig) string {
-	_, m, err := machineOfTaskID(cfg.ID)
-	must.NoError(t, err)
-	return m
+	return machineOfTaskID(t, cfg.ID)
 }
 
 func TestClosureRefusalsLeaveNothing(t *testing.T) {

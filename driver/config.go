@@ -139,8 +139,11 @@ var sliceName = regexp.MustCompile(`^[A-Za-z0-9:_.\\-]+\.slice$`)
 
 // validate checks the plugin config and fills in tool paths that were left out.
 func (c *PluginConfig) validate() error {
-	if !filepath.IsAbs(c.DataDir) || filepath.Clean(c.DataDir) == "/" || strings.ContainsAny(c.DataDir, "'$:\\\n\x00") {
-		return fmt.Errorf("data_dir = %q: must be an absolute path other than /, without quotes, '$', ':', '\\' or control characters", c.DataDir)
+	if err := nspawn.CheckDataDir(c.DataDir); err != nil {
+		return fmt.Errorf("data_dir = %q: %w", c.DataDir, err)
+	}
+	if filepath.Clean(c.DataDir) == "/" {
+		return fmt.Errorf("data_dir = %q: must be a directory other than /", c.DataDir)
 	}
 	c.DataDir = filepath.Clean(c.DataDir)
 	if !sliceName.MatchString(c.Slice) {

@@ -181,7 +181,7 @@ func TestConsoleFlood(t *testing.T) {
 	must.NoError(t, res.Err)
 	// The forwarder freed what it delivered: the log takes about its readable tail on disk.
 	var st syscall.Stat_t
-	must.NoError(t, syscall.Stat(filepath.Join(td.d.machineDir(mustMachine(t, cfg)), console.LogName), &st))
+	must.NoError(t, syscall.Stat(filepath.Join(td.machineDir(t, cfg), console.LogName), &st))
 	must.Less(t, int64(8<<20), st.Blocks*512, must.Sprint("blocks of console.log after delivery"))
 }
 
@@ -274,7 +274,7 @@ func TestConsoleBacklogDrop(t *testing.T) {
 	stream := readConsole(t, taskFIFO(t, cfg), "tinyinit line ", "", hold, gaps, nil)
 	td.start(t, cfg)
 	// The reader reads nothing until the guest printed everything.
-	dir := td.d.machineDir(mustMachine(t, cfg))
+	dir := td.machineDir(t, cfg)
 	must.Wait(t, wait.InitialSuccess(
 		wait.BoolFunc(func() bool { return strings.Contains(strings.Join(console.Tail(dir, 3), "\n"), "tinyinit: after") }),
 		wait.Timeout(3*time.Minute), wait.Gap(100*time.Millisecond),

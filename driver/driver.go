@@ -9,9 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -28,7 +26,6 @@ import (
 
 	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
 	"github.com/nomad-nixos/nomad-driver-nixos/closure"
-	"github.com/nomad-nixos/nomad-driver-nixos/console"
 	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
@@ -204,11 +201,6 @@ func (d *Driver) emitter(cfg *drivers.TaskConfig) func(string, map[string]string
 	}
 }
 
-// machineDir holds a machine's root, its console files (package console) and its exit file.
-func (d *Driver) machineDir(machine string) string {
-	return filepath.Join(d.pluginConfig().DataDir, "machines", machine)
-}
-
 func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
 	if _, ok := d.tasks.get(cfg.ID); ok {
 		return nil, nil, fmt.Errorf("task %s is already running", cfg.ID)
@@ -230,24 +222,24 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if err != nil {
 		return nil, nil, err
 	}
-	machine, err := nspawn.MachineName(cfg.AllocID, cfg.Name)
+	m, err := d.machine(cfg.AllocID, cfg.Name)
 	if err != nil {
 		return nil, nil, err
 	}
 	// A machine of the same name is a leftover of an earlier run of this very task.
-	if err := d.removeMachine(d.ctx, machine, cfg.AllocID); err != nil {
+	if err := m.remove(d.ctx); err != nil {
 		return nil, nil, fmt.Errorf("removing the leftovers of an earlier run: %w", err)
 	}
 	// Fetching a closure takes as long as it takes; only the start below is bounded.
-	view, err := d.fetchClosure(d.ctx, cfg, &tc, opts, machine)
+	view, err := d.fetchClosure(d.ctx, m, cfg, &tc, opts)
 	var handle *drivers.TaskHandle
 	var network *drivers.DriverNetwork
 	if err == nil {
-		handle, network, err = d.start(cfg, tc, opts, view, pc)
+		handle, network, err = d.start(m, cfg, tc, opts, view, pc)
 	}
 	if err != nil {
-		if cerr := d.removeMachine(context.Background(), machine, cfg.AllocID); cerr != nil {
-			d.logger.Error("rolling back a failed start", "machine", machine, "error", cerr)
+		if cerr := m.remove(context.Background()); cerr != nil {
+			m.logger.Error("rolling back a failed start", "error", cerr)
 		}
 		return nil, nil, err
 	}
@@ -256,8 +248,8 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 
 // start launches the machine of a task whose closure is in place and starts following it. In
 // veth mode it returns the machine's network: the driver chose its address, so it is known now.
-func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions, view nspawn.StoreView, pc PluginConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
-	spec, err := d.machineSpec(cfg, &tc, opts, view)
+func (d *Driver) start(m *machine, cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions, view nspawn.StoreView, pc PluginConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
+	spec, err := d.machineSpec(m, cfg, &tc, opts, view)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -269,7 +261,7 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 	var link *machineLink
 	var network *drivers.DriverNetwork
 	if spec.Network.VethHost != "" {
-		addr, err := d.allocateAddress(spec.Machine, pc.pools)
+		addr, err := d.allocateAddress(m, pc.pools)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -277,23 +269,31 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 		if err != nil {
 			return nil, nil, err
 		}
-		link = &machineLink{veth: hostnet.NewVeth(spec.Machine, addr), forwards: fwds, pools: pc.pools.list()}
+		link = &machineLink{veth: hostnet.NewVeth(m.name, addr), forwards: fwds, pools: pc.pools.list()}
 		network = driverNetwork(addr, portMap)
 	}
-	machineDir := filepath.Dir(spec.Root)
+	d.mu.RLock()
+	fw := nspawn.Forwarder{
+		Helper:     d.consoleHelper,
+		MachineDir: m.dir,
+		FIFO:       orDevNull(cfg.StdoutPath),
+		StderrFIFO: orDevNull(cfg.StderrPath),
+		Backlog:    pc.consoleBacklog,
+	}
+	d.mu.RUnlock()
 	ctx, cancel := context.WithTimeout(d.ctx, registerTimeout+time.Minute)
 	defer cancel()
-	st, err := d.launch(ctx, cfg, spec, pc, link)
+	st, err := m.launch(ctx, cfg, spec, link, fw)
 	if err != nil {
 		return nil, nil, err
 	}
 
 	state := TaskState{
 		Config:       tc,
-		Machine:      spec.Machine,
-		Unit:         spec.Unit(),
+		Machine:      m.name,
+		Unit:         m.unit(),
 		InvocationID: st.InvocationID,
-		MachineDir:   machineDir,
+		MachineDir:   m.dir,
 		StartedAt:    time.Now(),
 	}
 	if link != nil {
@@ -304,7 +304,7 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 	if err := handle.SetDriverState(&state); err != nil {
 		return nil, nil, fmt.Errorf("saving task state: %w", err)
 	}
-	if err := d.track(cfg, state, opts.readyTimeout, false); err != nil {
+	if err := d.track(m, cfg, state, opts.readyTimeout, false); err != nil {
 		return nil, nil, err
 	}
 	if link != nil {
@@ -313,121 +313,9 @@ func (d *Driver) start(cfg *drivers.TaskConfig, tc TaskConfig, opts taskOptions,
 	return handle, network, nil
 }
 
-// machineLink is the driver-made network of a veth machine.
-type machineLink struct {
-	veth     hostnet.Veth
-	forwards []hostnet.Forward
-	pools    []netip.Prefix
-}
-
-func (l *machineLink) describe() string {
-	var addrs []string
-	for _, p := range []netip.Prefix{l.veth.Addr.GuestIPv4, l.veth.Addr.GuestIPv6} {
-		if p.IsValid() {
-			addrs = append(addrs, p.Addr().String())
-		}
-	}
-	return fmt.Sprintf("machine address %s on %s (host side %s)", strings.Join(addrs, ", "), hostnet.GuestInterface, l.veth.Host)
-}
-
-// launch prepares the root and starts the unit, returning once machined registered the machine or
-// the machine already ended (a guest may finish in milliseconds; its exit is reported by WaitTask).
-func (d *Driver) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspawn.Spec, pc PluginConfig, link *machineLink) (nspawn.UnitStatus, error) {
-	if err := nspawn.PrepareRoot(spec.Root); err != nil {
-		return nspawn.UnitStatus{}, err
-	}
-	if err := os.WriteFile(filepath.Join(spec.Root, "etc", "resolv.conf"), resolvConf(cfg.DNS, spec.Network.Mode), 0o644); err != nil {
-		return nspawn.UnitStatus{}, fmt.Errorf("writing the machine's resolv.conf: %w", err)
-	}
-	if link != nil {
-		if len(link.forwards) > 0 {
-			if err := hostnet.AddForwards(spec.Machine, link.pools, link.forwards); err != nil {
-				return nspawn.UnitStatus{}, err
-			}
-		}
-	}
-	if err := nspawn.PrepareStoreView(spec.Store); err != nil {
-		return nspawn.UnitStatus{}, fmt.Errorf("preparing the machine's /nix/store: %w", err)
-	}
-	if cfg.TaskDir() != nil && cfg.TaskDir().SecretsDir != "" {
-		skipped, err := nspawn.WriteEnvFile(filepath.Join(cfg.TaskDir().SecretsDir, envFileName), spec.Env)
-		if err != nil {
-			return nspawn.UnitStatus{}, fmt.Errorf("writing the task environment file: %w", err)
-		}
-		if len(skipped) > 0 {
-			d.logger.Warn("environment variables with names systemd rejects were left out", "names", skipped)
-		}
-	}
-	machineDir := filepath.Dir(spec.Root)
-	if err := console.Prepare(machineDir); err != nil {
-		return nspawn.UnitStatus{}, err
-	}
-	if err := d.mgr.Start(ctx, spec); err != nil {
-		return nspawn.UnitStatus{}, err
-	}
-	d.mu.RLock()
-	helper := d.consoleHelper
-	d.mu.RUnlock()
-	fw := nspawn.Forwarder{
-		Helper:     helper,
-		MachineDir: machineDir,
-		FIFO:       orDevNull(cfg.StdoutPath),
-		StderrFIFO: orDevNull(cfg.StderrPath),
-		Backlog:    pc.consoleBacklog,
-	}
-	if err := d.mgr.StartUnit(ctx, nspawn.ConsoleUnit(spec.Machine), fw.UnitProperties(spec.Unit())); err != nil {
-		return nspawn.UnitStatus{}, fmt.Errorf("starting the console forwarder: %w", err)
-	}
-	deadline := time.Now().Add(registerTimeout)
-	for {
-		st, err := d.mgr.Status(ctx, spec.Unit())
-		if err != nil {
-			return st, err
-		}
-		// The invocation ID identifies this run of the unit in recovery; it is set once the
-		// start job runs.
-		if !st.Loaded() || (st.InvocationID != "" && !st.Running()) {
-			return st, nil
-		}
-		if ok, _ := d.mgr.Registered(spec.Machine); ok && st.InvocationID != "" {
-			if link == nil {
-				return st, nil
-			}
-			// nspawn made the pair before registering the machine.
-			leader, err := d.mgr.Leader(spec.Machine)
-			if err == nil {
-				err = link.veth.ConfigureHost()
-			}
-			if err == nil {
-				err = link.veth.ConfigureGuest(leader)
-			}
-			if err != nil {
-				// A machine that ended in the meantime is reported by WaitTask, not here.
-				if now, serr := d.mgr.Status(ctx, spec.Unit()); serr == nil && !now.Running() {
-					return now, nil
-				}
-				return st, fmt.Errorf("configuring the network of machine %s: %w", spec.Machine, err)
-			}
-			return st, nil
-		}
-		if time.Now().After(deadline) {
-			return st, fmt.Errorf("machine %s did not register with systemd-machined within %s", spec.Machine, registerTimeout)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// orDevNull is where output goes that Nomad gave no log path for.
-func orDevNull(path string) string {
-	if path == "" {
-		return os.DevNull
-	}
-	return path
-}
-
 // track creates the handle of a started or recovered machine and starts following it.
 // reported says whether readiness was already reported (by the plugin before a restart).
-func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout time.Duration, reported bool) error {
+func (d *Driver) track(m *machine, cfg *drivers.TaskConfig, state TaskState, readyTimeout time.Duration, reported bool) error {
 	d.mu.RLock()
 	cgroups := d.cgroups
 	d.mu.RUnlock()
@@ -435,8 +323,8 @@ func (d *Driver) track(cfg *drivers.TaskConfig, state TaskState, readyTimeout ti
 	h := &taskHandle{
 		// The link of the invocation that started (or was recovered) is addressed already.
 		linkInvocation: state.InvocationID,
-		logger:         d.logger.With("task_id", cfg.ID, "machine", state.Machine),
-		mgr:            d.mgr,
+		logger:         m.logger.With("task_id", cfg.ID),
+		m:              m,
 		cgroups:        cgroups,
 		emit:           d.emitter(cfg),
 		taskConfig:     cfg,
@@ -472,9 +360,10 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	if err != nil {
 		return fmt.Errorf("recovering machine %s: %w", state.Machine, err)
 	}
+	m := d.recoveredMachine(state, handle.Config.AllocID)
 	if !st.Loaded() {
 		// An ended machine whose unit recorded its exit is recovered, so WaitTask reports it.
-		if _, ok, err := nspawn.ReadExitFile(nspawn.ExitFilePath(state.MachineDir)); err != nil || !ok {
+		if _, ok, err := m.recordedExit(); err != nil || !ok {
 			return fmt.Errorf("recovering machine %s: its unit %s is gone and recorded no exit", state.Machine, state.Unit)
 		}
 	} else if st.InvocationID != state.InvocationID && state.Config.RebootPolicy != string(nspawn.RebootRestart) {
@@ -485,7 +374,7 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 		return err
 	}
 	// A machine that got ready before the restart had its readiness reported then.
-	if err := d.track(handle.Config, state, opts.readyTimeout, st.EverActive); err != nil {
+	if err := d.track(m, handle.Config, state, opts.readyTimeout, st.EverActive); err != nil {
 		return err
 	}
 	return nil
@@ -530,8 +419,8 @@ func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) e
 	var resend <-chan time.Time
 	switch signal {
 	case "", "SIGTERM", "SIGINT":
-		if err := d.mgr.Kill(ctx, h.state.Unit, false, syscall.SIGTERM); err != nil {
-			return fmt.Errorf("stopping machine %s: %w", h.state.Machine, err)
+		if err := d.mgr.Kill(ctx, h.m.unit(), false, syscall.SIGTERM); err != nil {
+			return fmt.Errorf("stopping machine %s: %w", h.m.name, err)
 		}
 		ticker := time.NewTicker(stopResendInterval)
 		defer ticker.Stop()
@@ -541,7 +430,7 @@ func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) e
 			if !h.running() {
 				return nil
 			}
-			return fmt.Errorf("stopping machine %s with kill_signal %s: %w", h.state.Machine, signal, err)
+			return fmt.Errorf("stopping machine %s with kill_signal %s: %w", h.m.name, signal, err)
 		}
 		h.logger.Info("sent the kill signal to the guest's PID 1", "signal", signal, "timeout", timeout)
 	}
@@ -553,20 +442,20 @@ func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) e
 		case <-deadline:
 			stopped = true
 		case <-resend:
-			if leader, err := d.mgr.Leader(h.state.Machine); err == nil {
+			if leader, err := d.mgr.Leader(h.m.name); err == nil {
 				_ = syscall.Kill(leader, nspawn.SignalShutdown)
 			}
 		}
 	}
 	h.logger.Info("machine did not stop within the kill timeout, killing it", "timeout", timeout)
-	if err := d.mgr.Kill(ctx, h.state.Unit, true, syscall.SIGKILL); err != nil {
-		return fmt.Errorf("killing machine %s: %w", h.state.Machine, err)
+	if err := d.mgr.Kill(ctx, h.m.unit(), true, syscall.SIGKILL); err != nil {
+		return fmt.Errorf("killing machine %s: %w", h.m.name, err)
 	}
 	select {
 	case <-h.doneCh:
 		return nil
 	case <-time.After(stopTimeout):
-		return fmt.Errorf("machine %s still runs %s after SIGKILL", h.state.Machine, stopTimeout)
+		return fmt.Errorf("machine %s still runs %s after SIGKILL", h.m.name, stopTimeout)
 	}
 }
 
@@ -574,77 +463,39 @@ func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) e
 // alone when the driver has no handle (for example after a failed recovery).
 func (d *Driver) DestroyTask(taskID string, force bool) error {
 	h, ok := d.tasks.get(taskID)
-	var machine, allocID string
+	var m *machine
 	if ok {
 		if h.running() && !force {
 			return errors.New("cannot destroy a running task without force")
 		}
 		h.cancel()
-		machine, allocID = h.state.Machine, h.taskConfig.AllocID
+		m = h.m
 	} else {
-		var err error
-		if allocID, machine, err = machineOfTaskID(taskID); err != nil {
+		allocID, task, err := taskOfID(taskID)
+		if err != nil {
+			return err
+		}
+		if m, err = d.machine(allocID, task); err != nil {
 			return err
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := d.removeMachine(ctx, machine, allocID); err != nil {
+	if err := m.remove(ctx); err != nil {
 		return err
 	}
 	d.tasks.delete(taskID)
 	return nil
 }
 
-// machineOfTaskID derives the machine of a task from its ID, "<alloc ID>/<task name>/<suffix>".
-func machineOfTaskID(taskID string) (allocID, machine string, err error) {
+// taskOfID splits a task ID, "<alloc ID>/<task name>/<suffix>".
+func taskOfID(taskID string) (allocID, task string, err error) {
 	allocID, rest, ok := strings.Cut(taskID, "/")
 	i := strings.LastIndex(rest, "/")
 	if !ok || i <= 0 {
 		return "", "", fmt.Errorf("task ID %q is not <allocation>/<task>/<suffix>", taskID)
 	}
-	machine, err = nspawn.MachineName(allocID, rest[:i])
-	return allocID, machine, err
-}
-
-// removeMachine deletes everything a machine of this driver consists of. It refuses a unit of
-// that name that belongs to another allocation.
-func (d *Driver) removeMachine(ctx context.Context, machine, allocID string) error {
-	unit := nspawn.UnitName(machine)
-	st, err := d.mgr.Status(ctx, unit)
-	if err != nil {
-		return err
-	}
-	if st.Loaded() && !strings.Contains(st.Description, allocID) {
-		return fmt.Errorf("unit %s belongs to another allocation (%q), not touching it", unit, st.Description)
-	}
-	for _, u := range []string{unit, nspawn.ConsoleUnit(machine)} {
-		if err := d.mgr.Remove(ctx, u); err != nil {
-			return err
-		}
-	}
-	if err := d.mgr.Terminate(machine); err != nil {
-		return fmt.Errorf("terminating machine %s: %w", machine, err)
-	}
-	dir := d.machineDir(machine)
-	if err := nspawn.RemoveRoot(filepath.Join(dir, "root")); err != nil {
-		return err
-	}
-	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("removing %s: %w", dir, err)
-	}
-	if err := hostnet.DeleteVeth(hostnet.NewVeth(machine, hostnet.Addressing{}).Host); err != nil {
-		return fmt.Errorf("removing the veth link of machine %s: %w", machine, err)
-	}
-	if err := hostnet.RemoveForwards(machine); err != nil {
-		return fmt.Errorf("removing the port forwards of machine %s: %w", machine, err)
-	}
-	if im := d.importer(); im != nil {
-		if err := im.RemoveRoot(ctx, machine); err != nil {
-			return fmt.Errorf("removing the GC root of machine %s: %w", machine, err)
-		}
-	}
-	return nil
+	return allocID, rest[:i], nil
 }
 
 func (d *Driver) InspectTask(taskID string) (*drivers.TaskStatus, error) {
@@ -665,7 +516,7 @@ func (d *Driver) SignalTask(taskID string, signal string) error {
 	if !ok {
 		return fmt.Errorf("signal %q: unknown signal name", signal)
 	}
-	leader, err := d.mgr.Leader(h.state.Machine)
+	leader, err := d.mgr.Leader(h.m.name)
 	if err != nil {
 		return err
 	}
@@ -725,14 +576,14 @@ func (d *Driver) ExecTaskStreaming(ctx context.Context, taskID string, o *driver
 
 func (d *Driver) exec(ctx context.Context, h *taskHandle, o nspawn.ExecOptions) (int, error) {
 	if !h.running() {
-		return 0, fmt.Errorf("machine %s is not running", h.state.Machine)
+		return 0, fmt.Errorf("machine %s is not running", h.m.name)
 	}
-	leader, err := d.mgr.Leader(h.state.Machine)
+	leader, err := d.mgr.Leader(h.m.name)
 	if err != nil {
 		return 0, err
 	}
 	pc := d.pluginConfig()
-	return nspawn.Exec(ctx, nspawn.ExecTools{SystemdRun: pc.SystemdRunPath, Nsenter: pc.NsenterPath, Self: d.self}, h.state.Machine, leader, o)
+	return nspawn.Exec(ctx, nspawn.ExecTools{SystemdRun: pc.SystemdRunPath, Nsenter: pc.NsenterPath, Self: d.self}, h.m.name, leader, o)
 }
 
 // limitedBuffer keeps the first max bytes written to it, as Nomad's script checks expect.

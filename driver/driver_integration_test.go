@@ -329,6 +329,16 @@ func mustMachine(t *testing.T, cfg *drivers.TaskConfig) string {
 	return m
 }
 
+// machineOfTaskID is the machine name of a task ID.
+func machineOfTaskID(t testing.TB, taskID string) string {
+	t.Helper()
+	allocID, task, err := taskOfID(taskID)
+	must.NoError(t, err)
+	m, err := nspawn.MachineName(allocID, task)
+	must.NoError(t, err)
+	return m
+}
+
 func TestSignalReachesGuestPID1(t *testing.T) {
 	td := newTestDriver(t, "")
 	cfg := td.newTask(t, "sig", tinyToplevel(t), nil)

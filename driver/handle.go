@@ -43,7 +43,7 @@ const (
 // taskHandle follows one machine: its unit state, readiness, OOM kills, console and exit.
 type taskHandle struct {
 	logger  hclog.Logger
-	mgr     *nspawn.Manager
+	m       *machine
 	cgroups cgroupfs.Cgroups
 	emit    func(msg string, annotations map[string]string)
 
@@ -88,8 +88,8 @@ func (h *taskHandle) status() *drivers.TaskStatus {
 		CompletedAt: h.completedAt,
 		ExitResult:  h.exitResult.Copy(),
 		DriverAttributes: map[string]string{
-			"machine": h.state.Machine,
-			"unit":    h.state.Unit,
+			"machine": h.m.name,
+			"unit":    h.m.unit(),
 		},
 	}
 	if h.exitResult != nil {
@@ -104,7 +104,7 @@ func (h *taskHandle) run(ctx context.Context) {
 	go h.watchDrops(ctx)
 	failures := 0
 	for {
-		st, err := h.mgr.Status(ctx, h.state.Unit)
+		st, err := h.m.mgr.Status(ctx, h.m.unit())
 		switch {
 		case ctx.Err() != nil:
 			return
@@ -112,13 +112,13 @@ func (h *taskHandle) run(ctx context.Context) {
 			// The bus or systemd may be restarting; the machine runs on without us.
 			failures++
 			if failures%50 == 1 {
-				h.logger.Warn("cannot read machine unit state", "unit", h.state.Unit, "error", err)
+				h.logger.Warn("cannot read machine unit state", "unit", h.m.unit(), "error", err)
 			}
 		case !st.Loaded():
 			// A successful end unloads the unit; it recorded its exit first.
-			recorded, ok, err := nspawn.ReadExitFile(nspawn.ExitFilePath(h.state.MachineDir))
+			recorded, ok, err := h.m.recordedExit()
 			if err == nil && !ok {
-				err = fmt.Errorf("unit %s disappeared without recording an exit: the machine was removed outside Nomad", h.state.Unit)
+				err = fmt.Errorf("unit %s disappeared without recording an exit: the machine was removed outside Nomad", h.m.unit())
 			}
 			if err != nil {
 				h.finish(ctx, nil, err)
@@ -127,7 +127,7 @@ func (h *taskHandle) run(ctx context.Context) {
 			}
 			return
 		case st.InvocationID != h.state.InvocationID && st.InvocationID != "" && h.state.Config.RebootPolicy != string(nspawn.RebootRestart):
-			h.finish(ctx, nil, fmt.Errorf("unit %s was replaced by another invocation (%s), the machine's exit status is unknown", h.state.Unit, st.InvocationID))
+			h.finish(ctx, nil, fmt.Errorf("unit %s was replaced by another invocation (%s), the machine's exit status is unknown", h.m.unit(), st.InvocationID))
 			return
 		default:
 			failures = 0
@@ -158,11 +158,11 @@ func (h *taskHandle) readdress(st nspawn.UnitStatus) {
 	if h.state.Link == nil || !st.Running() || st.InvocationID == "" || st.InvocationID == h.linkInvocation {
 		return
 	}
-	if ok, _ := h.mgr.Registered(h.state.Machine); !ok {
+	if ok, _ := h.m.mgr.Registered(h.m.name); !ok {
 		return
 	}
-	veth := hostnet.NewVeth(h.state.Machine, h.state.Link.addressing())
-	leader, err := h.mgr.Leader(h.state.Machine)
+	veth := hostnet.NewVeth(h.m.name, h.state.Link.addressing())
+	leader, err := h.m.mgr.Leader(h.m.name)
 	if err == nil {
 		err = veth.ConfigureHost()
 	}
@@ -197,7 +197,7 @@ func (h *taskHandle) observe(ctx context.Context, st nspawn.UnitStatus) {
 	}
 	h.mu.Unlock()
 	if becameReady {
-		h.emit("Machine is ready: the guest reported READY=1", map[string]string{"machine": h.state.Machine})
+		h.emit("Machine is ready: the guest reported READY=1", map[string]string{"machine": h.m.name})
 	}
 	if firstCgroup {
 		go h.watchOOM(ctx, st.ControlGroup)
@@ -227,7 +227,7 @@ func (h *taskHandle) watchOOM(ctx context.Context, cgroup string) {
 // finish tells the console forwarder that the machine ended and waits for it to deliver the last
 // lines, so they are in the log before the exit is reported, then publishes the exit.
 func (h *taskHandle) finish(ctx context.Context, st *nspawn.UnitStatus, failure error) {
-	if err := console.MarkEnd(h.state.MachineDir); err != nil {
+	if err := console.MarkEnd(h.m.dir); err != nil {
 		h.logger.Warn("cannot tell the console forwarder that the machine ended", "error", err)
 	}
 	h.awaitConsole(ctx)
@@ -235,7 +235,7 @@ func (h *taskHandle) finish(ctx context.Context, st *nspawn.UnitStatus, failure 
 		return
 	}
 	h.reportDrops()
-	tail := console.Tail(h.state.MachineDir, consoleTailLines)
+	tail := console.Tail(h.m.dir, consoleTailLines)
 	res := &drivers.ExitResult{ExitCode: -1}
 	if st != nil {
 		// Only the console tells a guest PID 1 killed by a signal apart from exit status 1.
@@ -266,12 +266,12 @@ func (h *taskHandle) finish(ctx context.Context, st *nspawn.UnitStatus, failure 
 // console of an ended machine. It may take long for a lot of output, so it gives up only when
 // the forwarder stops making progress.
 func (h *taskHandle) awaitConsole(ctx context.Context) {
-	unit := nspawn.ConsoleUnit(h.state.Machine)
-	offsetFile := console.Files{Dir: h.state.MachineDir}.Offset()
+	unit := h.m.consoleUnit()
+	offsetFile := h.m.console().Offset()
 	var offset []byte
 	progressed := time.Now()
 	for time.Since(progressed) < consoleStallWait {
-		st, err := h.mgr.Status(ctx, unit)
+		st, err := h.m.mgr.Status(ctx, unit)
 		if ctx.Err() != nil || (err == nil && !st.Running()) {
 			return
 		}
@@ -304,7 +304,7 @@ func (h *taskHandle) watchDrops(ctx context.Context) {
 func (h *taskHandle) reportDrops() {
 	h.dropsMu.Lock()
 	defer h.dropsMu.Unlock()
-	files := console.Files{Dir: h.state.MachineDir}
+	files := h.m.console()
 	b, err := os.ReadFile(files.Dropped())
 	if err != nil {
 		return

@@ -19,7 +19,7 @@ func TestReportDrops(t *testing.T) {
 	var events []map[string]string
 	h := &taskHandle{
 		logger: hclog.NewNullLogger(),
-		state:  TaskState{MachineDir: dir},
+		m:      &machine{dir: dir},
 		emit:   func(_ string, a map[string]string) { events = append(events, a) },
 	}
 	dropped := console.Files{Dir: dir}.Dropped()
@@ -34,7 +34,7 @@ func TestReportDrops(t *testing.T) {
 	must.Eq(t, map[string]string{"dropped_bytes": "250", "dropped_at": "2026-12-02T18:00:01Z"}, events[1])
 
 	// A restarted plugin's handle does not report them again.
-	h2 := &taskHandle{logger: hclog.NewNullLogger(), state: TaskState{MachineDir: dir}, emit: h.emit}
+	h2 := &taskHandle{logger: hclog.NewNullLogger(), m: &machine{dir: dir}, emit: h.emit}
 	h2.reportDrops()
 	must.Len(t, 2, events)
 }

@@ -158,6 +158,14 @@ func (td *testDriver) start(t *testing.T, cfg *drivers.TaskConfig) *drivers.Task
 	return handle
 }
 
+// machineDir is the directory of the machine of cfg.
+func (td *testDriver) machineDir(t *testing.T, cfg *drivers.TaskConfig) string {
+	t.Helper()
+	m, err := td.d.machine(cfg.AllocID, cfg.Name)
+	must.NoError(t, err)
+	return m.dir
+}
+
 func (td *testDriver) waitExit(t *testing.T, taskID string, timeout time.Duration) *drivers.ExitResult {
 	t.Helper()
 	ch, err := td.WaitTask(context.Background(), taskID)

@@ -27,8 +27,6 @@ import (
 const (
 	defaultAddressPool     = "10.235.0.0/16"
 	defaultAddressPoolIPv6 = "fd35:6e78:6f73::/48"
-	// addressFile records a machine's slot in the address pools, in its machine directory.
-	addressFile = "address"
 )
 
 // machineNetwork decides how the machine is connected.
@@ -128,13 +126,15 @@ func offset(a netip.Addr, n uint64) netip.Addr {
 
 // allocateAddress gives the machine the lowest free slot of the pools and records it in its
 // machine directory, where the directory's removal frees it.
-func (d *Driver) allocateAddress(machine string, p pools) (hostnet.Addressing, error) {
+func (d *Driver) allocateAddress(m *machine, p pools) (hostnet.Addressing, error) {
 	d.addrMu.Lock()
 	defer d.addrMu.Unlock()
 	used := map[int]bool{}
-	dirs, _ := os.ReadDir(filepath.Join(d.pluginConfig().DataDir, "machines"))
+	parent := filepath.Dir(m.dir)
+	dirs, _ := os.ReadDir(parent)
 	for _, e := range dirs {
-		if b, err := os.ReadFile(filepath.Join(d.machineDir(e.Name()), addressFile)); err == nil {
+		other := machine{dir: filepath.Join(parent, e.Name())}
+		if b, err := os.ReadFile(other.addressFile()); err == nil {
 			if i, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
 				used[i] = true
 			}
@@ -144,11 +144,10 @@ func (d *Driver) allocateAddress(machine string, p pools) (hostnet.Addressing, e
 		if used[i] {
 			continue
 		}
-		dir := d.machineDir(machine)
-		if err := os.MkdirAll(dir, 0o700); err != nil {
+		if err := os.MkdirAll(m.dir, 0o700); err != nil {
 			return hostnet.Addressing{}, err
 		}
-		if err := os.WriteFile(filepath.Join(dir, addressFile), []byte(strconv.Itoa(i)), 0o600); err != nil {
+		if err := os.WriteFile(m.addressFile(), []byte(strconv.Itoa(i)), 0o600); err != nil {
 			return hostnet.Addressing{}, err
 		}
 		return p.addressing(i), nil

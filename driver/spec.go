@@ -7,14 +7,12 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"path/filepath"
 	"sort"
 	"strings"
 
 	"github.com/hashicorp/nomad/plugins/drivers"
 
 	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
-	"github.com/nomad-nixos/nomad-driver-nixos/console"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -22,22 +20,18 @@ import (
 var reservedEnv = []string{"container", "container_uuid", "container_host_", "NOTIFY_SOCKET", "LISTEN_", "SYSTEMD_"}
 
 // machineSpec translates a Nomad task into the machine that runs it.
-func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions, store nspawn.StoreView) (*nspawn.Spec, error) {
+func (d *Driver) machineSpec(m *machine, cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions, store nspawn.StoreView) (*nspawn.Spec, error) {
 	pc := d.pluginConfig()
 	d.mu.RLock()
 	cgroupMode := d.cgroups.Mode
 	d.mu.RUnlock()
-	machine, err := nspawn.MachineName(cfg.AllocID, cfg.Name)
-	if err != nil {
-		return nil, err
-	}
 	id := sha256.Sum256([]byte(cfg.AllocID + "/" + cfg.Name))
 	s := &nspawn.Spec{
-		Machine:       machine,
+		Machine:       m.name,
 		Description:   fmt.Sprintf("Nomad task %s of allocation %s (job %s)", cfg.Name, cfg.AllocID, cfg.JobName),
-		Root:          filepath.Join(d.machineDir(machine), "root"),
-		ExitFile:      nspawn.ExitFilePath(d.machineDir(machine)),
-		ConsoleFile:   console.Files{Dir: d.machineDir(machine)}.Log(),
+		Root:          m.root(),
+		ExitFile:      m.exitFile(),
+		ConsoleFile:   m.console().Log(),
 		Toplevel:      tc.Toplevel,
 		InitArgs:      tc.InitArgs,
 		UUID:          hex.EncodeToString(id[:16]),
@@ -52,7 +46,8 @@ func (d *Driver) machineSpec(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOpti
 		Resources:     resources(cfg.Resources, pc.TasksMax),
 		Store:         store,
 	}
-	if s.Network, err = machineNetwork(cfg, tc, o, pc, machine); err != nil {
+	var err error
+	if s.Network, err = machineNetwork(cfg, tc, o, pc, m.name); err != nil {
 		return nil, err
 	}
 	if dir := cfg.TaskDir(); dir != nil {

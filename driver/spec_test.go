@@ -4,10 +4,12 @@
 package driver
 
 import (
+	"path/filepath"
 	"regexp"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/nomad/nomad/structs"
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
@@ -166,48 +168,90 @@ func TestGuestEnv(t *testing.T) {
 
 // A value systemd cannot carry fails the task, naming the variable, instead of being dropped.
 func TestMachineSpec_EnvValueRefused(t *testing.T) {
-	d := &Driver{config: validPluginConfig()}
+	d := &Driver{config: validPluginConfig(), logger: hclog.NewNullLogger()}
 	cfg := &drivers.TaskConfig{ID: testAllocID + "/web/abcd1234", Name: "web", AllocID: testAllocID, AllocDir: "/var/lib/nomad/alloc/" + testAllocID, Resources: nomadResources(256, 0, 1024)}
 	tc := &TaskConfig{Toplevel: absentToplevel}
 	o := taskOptions{readyTimeout: time.Minute, privateUsers: "pick", rebootPolicy: nspawn.RebootExit}
 	for _, v := range []string{"a\x00b", "a\xffb"} {
 		cfg.Env = map[string]string{"BAD": v}
-		_, err := d.machineSpec(cfg, tc, o, testStore)
+		_, err := testSpec(d, cfg, tc, o, testStore)
 		must.ErrorContains(t, err, `environment variable "BAD"`)
 	}
 	cfg.Env = map[string]string{"SECRET": "pa$$word ${X} %n \\"}
-	s, err := d.machineSpec(cfg, tc, o, testStore)
+	s, err := testSpec(d, cfg, tc, o, testStore)
 	must.NoError(t, err)
 	must.EqOp(t, "pa$$word ${X} %n \\", s.Env["SECRET"])
 }
 
-func TestMachineOfTaskID(t *testing.T) {
-	for _, task := range []string{"web", "Web Server", "a.b.c", "日本"} {
-		allocID, machine, err := machineOfTaskID(testAllocID + "/" + task + "/abcd1234")
+func TestTaskOfID(t *testing.T) {
+	for _, task := range []string{"web", "Web Server", "a.b.c", "日本", "a/b"} {
+		allocID, got, err := taskOfID(testAllocID + "/" + task + "/abcd1234")
 		must.NoError(t, err)
 		must.EqOp(t, testAllocID, allocID)
-		want, err := nspawn.MachineName(testAllocID, task)
-		must.NoError(t, err)
-		must.EqOp(t, want, machine)
+		must.EqOp(t, task, got)
 	}
 }
 
-func TestMachineOfTaskID_Invalid(t *testing.T) {
+func TestTaskOfID_Invalid(t *testing.T) {
 	for _, id := range []string{"", "x", testAllocID, testAllocID + "/web", testAllocID + "//abcd1234", "/"} {
 		t.Run(id, func(t *testing.T) {
-			_, _, err := machineOfTaskID(id)
+			_, _, err := taskOfID(id)
 			must.Error(t, err)
 			must.StrContains(t, err.Error(), `"`+id+`"`)
 		})
 	}
+}
+
+// The machine of a task ID, as DestroyTask finds it without a handle, is the one StartTask made.
+func TestMachineOfTaskID(t *testing.T) {
+	d := &Driver{config: validPluginConfig(), logger: hclog.NewNullLogger()}
+	for _, task := range []string{"web", "Web Server", "日本"} {
+		allocID, name, err := taskOfID(testAllocID + "/" + task + "/abcd1234")
+		must.NoError(t, err)
+		byID, err := d.machine(allocID, name)
+		must.NoError(t, err)
+		started, err := d.machine(testAllocID, task)
+		must.NoError(t, err)
+		must.EqOp(t, started.name, byID.name)
+		must.EqOp(t, started.dir, byID.dir)
+	}
 	// A well-formed ID whose allocation part cannot name a machine.
-	_, _, err := machineOfTaskID("abc/web/abcd1234")
+	allocID, name, err := taskOfID("abc/web/abcd1234")
+	must.NoError(t, err)
+	_, err = d.machine(allocID, name)
 	must.Error(t, err)
+}
+
+// A machine's files all live in its directory under data_dir, and the spec points at them.
+func TestMachinePaths(t *testing.T) {
+	d := &Driver{config: validPluginConfig(), logger: hclog.NewNullLogger()}
+	m, err := d.machine(testAllocID, "web")
+	must.NoError(t, err)
+	dir := "/var/lib/nomad-driver-nixos/machines/" + m.name
+	must.EqOp(t, dir, m.dir)
+	for _, p := range []string{m.root(), m.storeView(), m.exitFile(), m.addressFile(), m.console().Log(), m.console().Offset()} {
+		must.EqOp(t, dir, filepath.Dir(p))
+	}
+	must.EqOp(t, nspawn.UnitName(m.name), m.unit())
+	must.EqOp(t, nspawn.ConsoleUnit(m.name), m.consoleUnit())
+	// A recovered machine is where its state says, even if data_dir changed since.
+	d.config.DataDir = "/srv/other"
+	r := d.recoveredMachine(TaskState{Machine: m.name, MachineDir: dir}, testAllocID)
+	must.EqOp(t, m.exitFile(), r.exitFile())
+}
+
+// testSpec is the spec of the machine of cfg.
+func testSpec(d *Driver, cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions, store nspawn.StoreView) (*nspawn.Spec, error) {
+	m, err := d.machine(cfg.AllocID, cfg.Name)
+	if err != nil {
+		return nil, err
+	}
+	return d.machineSpec(m, cfg, tc, o, store)
 }
 
 func TestMachineSpec(t *testing.T) {
 	pc := validPluginConfig()
-	d := &Driver{config: pc, cgroups: cgroupfs.Cgroups{Base: "/sys/fs/cgroup", Mode: cgroupfs.CgroupUnified}}
+	d := &Driver{config: pc, logger: hclog.NewNullLogger(), cgroups: cgroupfs.Cgroups{Base: "/sys/fs/cgroup", Mode: cgroupfs.CgroupUnified}}
 	cfg := &drivers.TaskConfig{
 		ID:        testAllocID + "/web/abcd1234",
 		Name:      "web",
@@ -220,15 +264,15 @@ func TestMachineSpec(t *testing.T) {
 	tc := &TaskConfig{Toplevel: absentToplevel, InitArgs: []string{"quiet"}}
 	o := taskOptions{readyTimeout: 90 * time.Second, privateUsers: "pick", rebootPolicy: nspawn.RebootRestart}
 
-	s, err := d.machineSpec(cfg, tc, o, testStore)
+	s, err := testSpec(d, cfg, tc, o, testStore)
 	must.NoError(t, err)
 	machine, err := nspawn.MachineName(testAllocID, "web")
 	must.NoError(t, err)
 	must.EqOp(t, machine, s.Machine)
 	dir := "/var/lib/nomad-driver-nixos/machines/" + machine
 	must.EqOp(t, dir+"/root", s.Root)
-	must.EqOp(t, nspawn.ExitFilePath(dir), s.ExitFile)
-	must.StrContains(t, s.Description, testAllocID) // removeMachine relies on it
+	must.EqOp(t, dir+"/exit", s.ExitFile)
+	must.StrContains(t, s.Description, testAllocID) // machine.remove relies on it
 	must.EqOp(t, absentToplevel, s.Toplevel)
 	must.Eq(t, []string{"quiet"}, s.InitArgs)
 	must.EqOp(t, pc.NspawnPath, s.NspawnPath)
@@ -250,31 +294,31 @@ func TestMachineSpec(t *testing.T) {
 	// The machine ID is a UUID in systemd's 32 hex digit form, stable per task and distinct
 	// between tasks.
 	must.RegexMatch(t, machineIDPattern, s.UUID)
-	again, err := d.machineSpec(cfg, tc, o, testStore)
+	again, err := testSpec(d, cfg, tc, o, testStore)
 	must.NoError(t, err)
 	must.EqOp(t, s.UUID, again.UUID)
 	other := *cfg
 	other.Name = "db"
-	db, err := d.machineSpec(&other, tc, o, testStore)
+	db, err := testSpec(d, &other, tc, o, testStore)
 	must.NoError(t, err)
 	must.NotEq(t, s.UUID, db.UUID)
 	must.NotEq(t, s.Machine, db.Machine)
 
 	// On cgroup v1 the guest gets no unified hierarchy forced on it.
 	d.cgroups.Mode = cgroupfs.CgroupHybrid
-	hybrid, err := d.machineSpec(cfg, tc, o, testStore)
+	hybrid, err := testSpec(d, cfg, tc, o, testStore)
 	must.NoError(t, err)
 	must.False(t, hybrid.UnifiedCgroup)
 }
 
 func TestMachineSpec_BadAllocDir(t *testing.T) {
-	d := &Driver{config: validPluginConfig()}
+	d := &Driver{config: validPluginConfig(), logger: hclog.NewNullLogger()}
 	cfg := &drivers.TaskConfig{Name: "web", AllocID: testAllocID, AllocDir: "/var/lib/nomad/a:b"}
-	_, err := d.machineSpec(cfg, &TaskConfig{Toplevel: absentToplevel}, taskOptions{privateUsers: "pick"}, testStore)
+	_, err := testSpec(d, cfg, &TaskConfig{Toplevel: absentToplevel}, taskOptions{privateUsers: "pick"}, testStore)
 	must.ErrorContains(t, err, "a:b")
 
 	cfg = &drivers.TaskConfig{Name: "web", AllocID: "short", AllocDir: "/var/lib/nomad/alloc/x"}
-	_, err = d.machineSpec(cfg, &TaskConfig{Toplevel: absentToplevel}, taskOptions{privateUsers: "pick"}, testStore)
+	_, err = testSpec(d, cfg, &TaskConfig{Toplevel: absentToplevel}, taskOptions{privateUsers: "pick"}, testStore)
 	must.Error(t, err)
 }
 

@@ -4,7 +4,6 @@
 package nspawn
 
 import (
-	"path/filepath"
 	"strconv"
 	"time"
 
@@ -50,6 +49,3 @@ func (f *Forwarder) UnitProperties(machineUnit string) []sddbus.Property {
 		prop("StandardOutput", "journal"),
 	}
 }
-
-// ExitFilePath is where a machine's unit records its exit, beside its root.
-func ExitFilePath(machineDir string) string { return filepath.Join(machineDir, "exit") }

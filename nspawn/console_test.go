@@ -53,7 +53,3 @@ func TestForwarderUnitProperties_Dollar(t *testing.T) {
 	}
 	t.Fatal("no ExecStartEx")
 }
-
-func TestExitFilePath(t *testing.T) {
-	must.EqOp(t, "/data/machines/m/exit", ExitFilePath("/data/machines/m"))
-}

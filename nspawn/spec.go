@@ -6,6 +6,7 @@
 package nspawn
 
 import (
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sort"
@@ -200,29 +201,44 @@ func (s *Spec) Args() []string {
 	return append(args, s.InitArgs...)
 }
 
+// What a host path of a machine cannot hold: in nspawn's --bind, ':' separates fields and '\'
+// escapes; the exit file's path is a single-quoted shell word that systemd expands '$' in first.
+const (
+	unsafeInBind  = ":\\\n\x00"
+	unsafeInShell = "'$\n\x00"
+)
+
+// CheckDataDir says whether dir can hold the directories of machines: their roots, store views
+// and exit files, whose paths go into --bind arguments and the unit's shell command.
+func CheckDataDir(dir string) error {
+	if !filepath.IsAbs(dir) || strings.ContainsAny(dir, unsafeInBind+unsafeInShell) {
+		return errors.New("must be an absolute path without quotes, '$', ':', '\\' or control characters")
+	}
+	return nil
+}
+
 // Validate checks what the command line cannot express safely.
 func (s *Spec) Validate() error {
-	// The exit file path ends up in a shell command that systemd expands $ in first.
-	if strings.ContainsAny(s.ExitFile, "'$\n\x00") || !filepath.IsAbs(s.ExitFile) {
+	if strings.ContainsAny(s.ExitFile, unsafeInShell) || !filepath.IsAbs(s.ExitFile) {
 		return fmt.Errorf("exit file path %q must be absolute and contain no quote, '$' or control characters", s.ExitFile)
 	}
 	if !filepath.IsAbs(s.ConsoleFile) {
 		return fmt.Errorf("console file path %q must be absolute", s.ConsoleFile)
 	}
-	if !filepath.IsAbs(s.Store.Dir) || strings.ContainsAny(s.Store.Dir, ":\\\n\x00") {
+	if !filepath.IsAbs(s.Store.Dir) || strings.ContainsAny(s.Store.Dir, unsafeInBind) {
 		return fmt.Errorf("store directory %q must be absolute and contain no ':', '\\' or control characters", s.Store.Dir)
 	}
-	if s.Store.Paths != nil && (!filepath.IsAbs(s.Store.View) || strings.ContainsAny(s.Store.View, ":\\\n\x00")) {
+	if s.Store.Paths != nil && (!filepath.IsAbs(s.Store.View) || strings.ContainsAny(s.Store.View, unsafeInBind)) {
 		return fmt.Errorf("store view directory %q must be absolute and contain no ':', '\\' or control characters", s.Store.View)
 	}
 	for _, p := range s.Store.Paths {
-		if p == "" || p == "." || p == ".." || strings.ContainsAny(p, "/:\\\n\x00") {
+		if p == "" || p == "." || p == ".." || strings.ContainsAny(p, "/"+unsafeInBind) {
 			return fmt.Errorf("store path name %q must be a plain name without ':', '\\' or control characters", p)
 		}
 	}
 	for _, b := range s.Binds {
 		for _, p := range []string{b.Source, b.Dest} {
-			if !filepath.IsAbs(p) || strings.ContainsAny(p, ":\\\n\x00") {
+			if !filepath.IsAbs(p) || strings.ContainsAny(p, unsafeInBind) {
 				return fmt.Errorf("bind path %q must be absolute and contain no ':', '\\' or control characters", p)
 			}
 		}
