@@ -38,6 +38,9 @@ set -euo pipefail
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 TESTHOST=$REPO_ROOT/e2e/testhost/testhost.sh
+LOG_TAG=cluster
+# shellcheck source-path=SCRIPTDIR source=../lib/host.sh
+. "$REPO_ROOT/e2e/lib/host.sh"
 
 CACHE_DIR=${NIXOS_NSPAWN_CACHE:-/var/cache/nomad-driver-nixos}
 ROOTFS=$CACHE_DIR/testhost-rootfs
@@ -68,31 +71,11 @@ SERVER_ADDR=http://${ADDR[server]}:4646
 # memory..pids: systemd's accounting in the hosts (as e2e/testhost); freezer and
 # cpuset: Nomad's client on cgroup v1 (as e2e/agent's setup_cgroups).
 CONTROLLERS=(memory cpu cpuacct pids freezer cpuset)
-# Where nspawn roots a host's own systemd tree: the caller's cgroup, so each
-# nspawn starts in one of its own. From the machine's root (as the single-node
-# test host does) all hosts would share /payload, and each host's systemd would
-# trim the others' empty cgroups away from under them (units then fail with
-# 219/CGROUP, a shutdown hangs).
-TREES=(systemd unified)
 UNIT=nomad-cluster-agent
 DATA_DIR=/var/lib/nomad-cluster
 DRIVER=nixos-nspawn
 BOOT_TIMEOUT=${NIXOS_NSPAWN_CLUSTER_BOOT_TIMEOUT:-90}
 UP_TIMEOUT=${NIXOS_NSPAWN_CLUSTER_TIMEOUT:-120}
-GUEST_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-
-log() { echo "cluster: $*" >&2; }
-
-# Microseconds since the epoch, and the time since such a stamp as "1.2s".
-now_us() { echo "${EPOCHREALTIME//[.,]/}"; }
-since() {
-	local d=$((($(now_us) - $1) / 100000))
-	echo "$((d / 10)).$((d % 10))s"
-}
-die() {
-	log "error: $*"
-	exit 1
-}
 
 machine() { echo "$PREFIX-$1"; }
 node_ns() { echo "$PREFIX-$1"; }
@@ -107,22 +90,9 @@ node_arg() {
 	die "no such node '$1' (one of: ${NODES[*]})"
 }
 
-# pid exists and is not a zombie.
-alive() {
-	local stat
-	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-	stat=${stat##*) }
-	[[ ${stat%% *} != Z ]]
-}
-
-pid_is() {
-	local pid=$1 comm=$2
-	[[ -n $pid ]] && alive "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]]
-}
-
-nspawn_pid() { cat "$(node_dir "$1")/nspawn.pid" 2>/dev/null || true; }
-leader_pid() { cat "$(node_dir "$1")/leader.pid" 2>/dev/null || true; }
-node_running() { pid_is "$(nspawn_pid "$1")" systemd-nspawn && pid_is "$(leader_pid "$1")" systemd; }
+nspawn_pid() { host_nspawn_pid "$(node_dir "$1")"; }
+leader_pid() { host_leader_pid "$(node_dir "$1")"; }
+node_running() { host_running "$(node_dir "$1")"; }
 
 # Every systemd-nspawn process booting machine $1, found by its command line
 # (so even a run dir lost to a crash leaves nothing running).
@@ -136,11 +106,10 @@ nspawn_pids_of() {
 	done
 }
 
-# Run a command in a host with a clean environment.
 guest() {
 	local node=$1
 	shift
-	nsenter -t "$(leader_pid "$node")" -a env -i PATH="$GUEST_PATH" HOME=/root LANG=C.UTF-8 "$@"
+	host_guest "$(node_dir "$node")" "$@"
 }
 
 in_net() { ip netns exec "$NETNS" "$@"; }
@@ -233,42 +202,6 @@ teardown_network() {
 	if [[ -e /run/netns/$NETNS ]]; then ip netns del "$NETNS" || true; fi
 }
 
-# ---------------------------------------------------------------- cgroups
-
-cg_create() {
-	local node=$1 c d
-	for c in "${CONTROLLERS[@]}" "${TREES[@]}"; do
-		[[ -d /sys/fs/cgroup/$c ]] || continue
-		d=/sys/fs/cgroup/$c/$(cg_name "$node")
-		mkdir -p "$d"
-		if [[ $c == cpuset ]]; then
-			# A new cpuset cgroup starts empty and accepts no tasks until filled.
-			cat "/sys/fs/cgroup/cpuset/cpuset.cpus" >"$d/cpuset.cpus"
-			cat "/sys/fs/cgroup/cpuset/cpuset.mems" >"$d/cpuset.mems"
-		fi
-	done
-}
-
-# Kill whatever is left in a host's cgroups (only after its nspawn is gone),
-# then rmdir depth-first: cgroup dirs cannot be removed with rm -r.
-cg_remove() {
-	local node=$1 c d pids i
-	for c in "${CONTROLLERS[@]}" "${TREES[@]}"; do
-		d=/sys/fs/cgroup/$c/$(cg_name "$node")
-		[[ -d $d ]] || continue
-		for ((i = 0; i < 50; i++)); do
-			pids=$(find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null || true)
-			[[ -z $pids ]] && break
-			# shellcheck disable=SC2086 # one pid a word
-			kill -KILL $pids 2>/dev/null || true
-			sleep 0.1
-		done
-		find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
-		[[ -d $d ]] && log "warning: could not remove $d"
-	done
-	return 0
-}
-
 # ---------------------------------------------------------------- hosts
 
 start_node() {
@@ -281,77 +214,17 @@ start_node() {
 	mount -t overlay "overlay-$m" -o "lowerdir=$BASE,upperdir=$dir/upper,workdir=$dir/work" "$dir/root"
 	echo "$m" >"$dir/root/etc/hostname"
 	systemd-id128 new >"$dir/root/etc/machine-id"
-	cg_create "$node"
-	local cg args=(--register=no --keep-unit -D "$dir/root" -b --capability=all --machine="$m"
-		--network-namespace-path="/run/netns/$(node_ns "$node")"
-		--bind=/nix --bind-ro="$REPO_ROOT:$REPO_ROOT") c
-	cg=$(cg_name "$node")
-	for c in "${CONTROLLERS[@]}"; do
-		[[ -d /sys/fs/cgroup/$c ]] || continue
-		# Binds directly under /sys/fs/cgroup are hidden by nspawn's /sys mount.
-		args+=(--bind="/sys/fs/cgroup/$c/$cg:/run/hostcg/$c")
-	done
-	(
-		# The hosts must not inherit (and so hold forever) the up/down lock.
-		if [[ -n ${LOCK_FD:-} ]]; then exec {LOCK_FD}>&-; fi
-		for c in "${TREES[@]}"; do
-			if [[ -d /sys/fs/cgroup/$c/$cg ]]; then echo "$BASHPID" >"/sys/fs/cgroup/$c/$cg/cgroup.procs"; fi
-		done
-		exec setsid systemd-nspawn "${args[@]}" </dev/null >"$dir/console.log" 2>&1
-	) &
-	echo "$!" >"$dir/nspawn.pid"
+	host_start "$dir" "$(cg_name "$node")" "${CONTROLLERS[*]}" --register=no --keep-unit -D "$dir/root" -b \
+		--capability=all --machine="$m" --network-namespace-path="/run/netns/$(node_ns "$node")" \
+		--bind=/nix --bind-ro="$REPO_ROOT:$REPO_ROOT"
 }
 
 # Wait for the host's systemd, then give it writable cgroup controllers.
 finish_node() {
-	local node=$1 dir npid lpid="" i state=""
-	dir=$(node_dir "$node")
-	npid=$(nspawn_pid "$node")
-	for ((i = 0; i < 100; i++)); do
-		alive "$npid" || {
-			tail -n 30 "$dir/console.log" >&2
-			die "systemd-nspawn of $(machine "$node") exited"
-		}
-		# The host's PID 1 ends up as the only child of the nspawn process.
-		lpid=$(awk '{print $1}' "/proc/$npid/task/$npid/children" 2>/dev/null || true)
-		if pid_is "$lpid" systemd; then break; fi
-		lpid=""
-		sleep 0.05
-	done
-	[[ -n $lpid ]] || die "no init found under nspawn pid $npid ($(machine "$node"))"
-	echo "$lpid" >"$dir/leader.pid"
-	for ((i = 0; i < BOOT_TIMEOUT * 10; i++)); do
-		state=$(guest "$node" systemctl is-system-running 2>/dev/null || true)
-		case $state in running | degraded) break ;; esac
-		pid_is "$npid" systemd-nspawn || die "systemd-nspawn of $(machine "$node") exited during boot"
-		sleep 0.1
-	done
-	case $state in running | degraded) ;; *) die "$(machine "$node") did not boot (state '$state')" ;; esac
-
-	# As e2e/testhost: bind the real controllers over nspawn's read-only ones,
-	# then daemon-reexec so systemd probes them again.
-	# shellcheck disable=SC2016 # expanded by the host's shell
-	guest "$node" sh -c 'set -e
-		for c in memory cpu cpuacct pids; do
-			t=/sys/fs/cgroup/$c
-			# cpu and cpuacct are separate hierarchies here but may be a joint mount elsewhere.
-			if [ -L $t ]; then t=$(readlink -f $t); fi
-			[ -d $t ] && [ -d /run/hostcg/$c ] || continue
-			mount --bind /run/hostcg/$c $t
-		done'
-	guest "$node" systemctl daemon-reexec
-	# As e2e/agent: freezer and cpuset for Nomad's client, after the reexec
-	# (systemd does not manage them on cgroup v1).
-	# shellcheck disable=SC2016 # expanded by the host's shell
-	guest "$node" sh -c 'set -e
-		for c in freezer cpuset; do
-			[ -d /sys/fs/cgroup/$c ] && [ -d /run/hostcg/$c ] || continue
-			mount --bind /run/hostcg/$c /sys/fs/cgroup/$c
-		done'
-	for ((i = 0; i < 100; i++)); do
-		case $(guest "$node" systemctl is-system-running 2>/dev/null || true) in running | degraded) break ;; esac
-		sleep 0.1
-	done
+	local dir
+	dir=$(node_dir "$1")
+	host_wait_boot "$dir" "$(machine "$1")" "$BOOT_TIMEOUT"
+	host_setup_cgroups "$dir"
 }
 
 start_agent() {
@@ -386,22 +259,8 @@ stop_node() {
 		nspawn_pid "$node"
 		nspawn_pids_of "$m"
 	) | sort -u)
-	for p in $pids; do
-		pid_is "$p" systemd-nspawn || continue
-		log "stopping $m (nspawn pid $p)"
-		# nspawn turns SIGTERM into an orderly shutdown of the host and its machines.
-		kill -TERM "$p" 2>/dev/null || true
-	done
-	for p in $pids; do
-		for ((i = 0; i < 300; i++)); do
-			pid_is "$p" systemd-nspawn || break
-			sleep 0.1
-		done
-		if pid_is "$p" systemd-nspawn; then
-			log "$m did not stop in 30s; killing nspawn pid $p"
-			kill -KILL "$p" 2>/dev/null || true
-		fi
-	done
+	for p in $pids; do stop_nspawn "$p" "$m" 30 & done
+	wait
 	# A killed nspawn leaves the host's PID namespace running; killing its
 	# init (found by its root, the overlay) ends it and everything in it.
 	for ((i = 0; i < 50; i++)); do
@@ -526,7 +385,7 @@ cmd_down() {
 	for n in "${NODES[@]}"; do
 		dir=$(node_dir "$n")
 		if mountpoint -q "$dir/root"; then umount "$dir/root" || umount -l "$dir/root"; fi
-		cg_remove "$n"
+		cg_remove "$(cg_name "$n")" "${CONTROLLERS[@]}" "${HOST_TREES[@]}"
 	done
 	teardown_network
 	# --one-file-system: never into anything still mounted.
@@ -556,11 +415,7 @@ cmd_exec() {
 	node=$(node_arg "$1")
 	shift
 	node_running "$node" || die "$(machine "$node") is not running (run: $0 up)"
-	local envs=(PATH="$GUEST_PATH" HOME=/root LANG=C.UTF-8) v
-	while IFS= read -r v; do
-		envs+=("$v=${!v}")
-	done < <(compgen -e | grep -E '^NIXOS_NSPAWN_' || true)
-	exec nsenter -t "$(leader_pid "$node")" -a env -i "${envs[@]}" "$@"
+	host_exec "$(node_dir "$node")" "$@"
 }
 
 cmd_test() {
@@ -575,19 +430,13 @@ cmd_test() {
 		-run '^TestCluster' -v -timeout 20m "$@" ./e2e/
 }
 
-# One up/down at a time.
-lock() {
-	exec {LOCK_FD}>"$LOCK_FILE"
-	flock "$LOCK_FD"
-}
-
 case ${1:-} in
 up)
-	lock
+	lock "$LOCK_FILE"
 	cmd_up
 	;;
 down)
-	lock
+	lock "$LOCK_FILE"
 	cmd_down
 	;;
 status) cmd_status ;;

@@ -34,36 +34,20 @@ INSTANCE=fresh
 CHECKOUT=/root/nomad-driver-nixos
 # What a new machine of this kind has (installed-go.txt) that the project's scripts may touch.
 INCLUDE=build-essential,git,ca-certificates,curl,wget,xz-utils,zstd,bzip2,unzip,procps,iproute2,python3,file,gnupg,less,patch,openssl,dbus,systemd,systemd-sysv,hostname
-GUEST_PATH=/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-
-log() { echo "fresh: $*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# The harness's own tools, on the build machine (not in the tree).
-ensure_tools() {
-	local missing=() p
-	for p in debootstrap slirp4netns; do
-		command -v "$p" >/dev/null || missing+=("$p")
-	done
-	((${#missing[@]} == 0)) && return 0
-	log "installing ${missing[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq >/dev/null
-	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
-
-mirror() {
-	grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -E '/debian/?$' | head -n1
-}
+LOG_TAG=fresh
+# shellcheck source-path=SCRIPTDIR source=../lib/host.sh
+. "$REPO_ROOT/e2e/lib/host.sh"
+TREE_PATH=/usr/local/go/bin:$GUEST_PATH
 
 # The debootstrapped image, kept as a tarball between runs: it is the new machine before anything
 # of the project touched it (debootstrap alone takes over ten minutes here).
 make_image() {
-	local image=$FRESH_DIR/image-$(echo "bookworm $INCLUDE" | sha256sum | cut -c1-12).tar
+	local image
+	image=$FRESH_DIR/image-$(echo "bookworm $INCLUDE" | sha256sum | cut -c1-12).tar
 	if [[ ! -f $image ]]; then
 		log "debootstrap bookworm (over ten minutes; kept as $image)"
 		rm -rf "$FRESH_DIR/image.tmp" "$FRESH_DIR"/image-*.tar
-		debootstrap --include="$INCLUDE" bookworm "$FRESH_DIR/image.tmp" "$(mirror)" >"$LOGS/debootstrap.log" 2>&1 ||
+		debootstrap --include="$INCLUDE" bookworm "$FRESH_DIR/image.tmp" "$(debian_mirror)" >"$LOGS/debootstrap.log" 2>&1 ||
 			{ tail -n 20 "$LOGS/debootstrap.log" >&2; die "debootstrap failed"; }
 		tar -C "$FRESH_DIR/image.tmp" --xattrs --xattrs-include='*' -cf "$image.tmp" .
 		mv "$image.tmp" "$image"
@@ -145,7 +129,7 @@ net_up() {
 # namespaces (and so every mount and process) end with the steps.
 run_inside() {
 	nsenter --net="/run/netns/$NETNS" unshare --mount --pid --fork --propagation private \
-		bash -s "$ROOT" "$LOGS" "$CHECKOUT" "$GUEST_PATH" "$INSTANCE" <<-'EOF'
+		bash -s "$ROOT" "$LOGS" "$CHECKOUT" "$TREE_PATH" "$INSTANCE" <<-'EOF'
 			set -euo pipefail
 			root=$1 logs=$2 checkout=$3 path=$4 instance=$5
 			# A mount point of its own, to become / (pivot_root below): systemd-nspawn makes / a
@@ -175,15 +159,14 @@ run_inside() {
 		EOF
 }
 
-cg_remove() {
+# The cgroups the tree's test hosts and agents made, by the instance suffix of their names.
+instance_cg_remove() {
 	local d
 	for d in /sys/fs/cgroup/*/*-"$INSTANCE"; do
 		[[ -d $d ]] || continue
 		case ${d##*/} in nixos-nspawn-* | nomad-e2e-agent-*) ;; *) continue ;; esac
-		find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
-		[[ -d $d ]] && log "warning: could not remove $d"
+		cg_remove "${d##*/}" "$(basename "$(dirname "$d")")"
 	done
-	return 0
 }
 
 cmd_down() {
@@ -192,7 +175,7 @@ cmd_down() {
 	if [[ -n $pid && $(cat "/proc/$pid/comm" 2>/dev/null) == slirp4netns ]]; then kill "$pid"; fi
 	rm -f "$FRESH_DIR/slirp4netns.pid"
 	if [[ -e /run/netns/$NETNS ]]; then ip netns del "$NETNS"; fi
-	cg_remove
+	instance_cg_remove
 	if [[ -d $ROOT ]]; then
 		# Files the driver made immutable (chattr +i) refuse rm until cleared.
 		rm -rf --one-file-system "$ROOT" 2>/dev/null || {
@@ -204,7 +187,8 @@ cmd_down() {
 
 cmd_run() {
 	((EUID == 0)) || die "run as root"
-	ensure_tools
+	# The harness's own tools, on the build machine (not in the tree).
+	ensure_packages debootstrap slirp4netns
 	cmd_down
 	rm -rf "$LOGS"
 	mkdir -p "$LOGS"
