@@ -9,7 +9,6 @@ import (
 	"archive/tar"
 	"archive/zip"
 	"compress/gzip"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -68,16 +67,6 @@ func serve(t *testing.T, dir string) string {
 	return "http://" + l.Addr().String()
 }
 
-// closureJob is a batch job whose closure comes from an artifact.
-func closureJob(name, toplevel, source, configLine, artifactExtra string) string {
-	hcl := job(name, "batch", toplevel, []string{"store", "exit=0"}, fmt.Sprintf(`artifact {
-        source      = %q
-        destination = "local/closure"
-        %s
-      }`, source, artifactExtra))
-	return strings.Replace(hcl, "        init_args", "        "+configLine+"\n        init_args", 1)
-}
-
 func TestClosureArtifacts(t *testing.T) {
 	cachedB, err := os.ReadFile(filepath.Join(closures(t), "cached.toplevel"))
 	must.NoError(t, err)
@@ -109,7 +98,7 @@ func TestClosureArtifacts(t *testing.T) {
 	for i, format := range formats {
 		t.Run(format, func(t *testing.T) {
 			id := "e2e-closure-" + strings.ReplaceAll(format, ".", "-")
-			runJob(t, id, closureJob(id, cached, base+"/cached."+format, `binary_cache = "local/closure"`, ""))
+			runJob(t, id, "closure.nomad.hcl", map[string]any{"toplevel": cached, "source": base + "/cached." + format})
 			a := waitAlloc(t, id, 2*time.Minute, "completion", func(a allocation) bool { return a.ClientStatus == "complete" || a.ClientStatus == "failed" })
 			ts := a.TaskStates["t"]
 			must.EqOp(t, "complete", a.ClientStatus, must.Sprint(pretty(ts.Events)))
@@ -126,7 +115,7 @@ func TestClosureArtifacts(t *testing.T) {
 
 	t.Run("truncated archive", func(t *testing.T) {
 		id := "e2e-closure-truncated"
-		runJob(t, id, closureJob(id, cached, base+"/truncated.tar.gz", `binary_cache = "local/closure"`, ""))
+		runJob(t, id, "closure.nomad.hcl", map[string]any{"toplevel": cached, "source": base + "/truncated.tar.gz"})
 		a := waitAlloc(t, id, 2*time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
 		ts := a.TaskStates["t"]
 		// Nomad's artifact fetcher refuses it; the driver is never asked.
@@ -136,7 +125,7 @@ func TestClosureArtifacts(t *testing.T) {
 
 	t.Run("export stream refused as unsigned", func(t *testing.T) {
 		id := "e2e-closure-export"
-		runJob(t, id, closureJob(id, cached, base+"/cached.export", `export = "local/closure/cached.export"`, ""))
+		runJob(t, id, "closure-export.nomad.hcl", map[string]any{"toplevel": cached, "source": base + "/cached.export"})
 		a := waitAlloc(t, id, 2*time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
 		must.StrContains(t, nomad(t, "alloc", "status", a.ID), "export streams carry no signatures")
 	})

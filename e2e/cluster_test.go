@@ -97,8 +97,7 @@ func TestClusterSpread(t *testing.T) {
 	must.Eq(t, clusterClients, got)
 
 	const id = "cluster-spread"
-	spread := "group \"g\" {\n    count = 4\n    spread {\n      attribute = \"${node.unique.id}\"\n    }"
-	runJob(t, id, strings.Replace(job(id, "service", tiny(t), nil, ""), `group "g" {`, spread, 1))
+	runJob(t, id, "cluster-spread.nomad.hcl", map[string]any{"toplevel": tiny(t)})
 
 	var allocs []clusterAlloc
 	err := wait.InitialSuccess(

@@ -6,7 +6,6 @@
 package e2e
 
 import (
-	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -19,46 +18,7 @@ import (
 // job is parsed and again on the client), so a literal "${" takes "$$${"; "$$", "%" and "\\"
 // (a backslash) pass as HCL writes them.
 func TestArgsAndEnvByteForByte(t *testing.T) {
-	const hcl = `job "e2e-bytes" {
-  type = "batch"
-  group "g" {
-    restart {
-      attempts = 0
-      mode     = "fail"
-    }
-    reschedule {
-      attempts  = 0
-      unlimited = false
-    }
-    task "t" {
-      driver = "nixos-nspawn"
-      config {
-        toplevel  = %q
-        init_args = [
-          "print=<0>$X",
-          "print=<1>$$${X}",
-          "print=<2>D:$$",
-          "print=<3>%%n",
-          "print=<4>%%%%",
-          "print=<5>end\\",
-          "print=<6>$(touch /tmp/x)",
-          "print=<7>$PATH",
-          "env=SECRET",
-          "exit=0",
-        ]
-      }
-      env {
-        SECRET = "pa$$word"
-      }
-      resources {
-        cpu    = 200
-        memory = 256
-      }
-    }
-  }
-}
-`
-	runJob(t, "e2e-bytes", fmt.Sprintf(hcl, tiny(t)))
+	runJob(t, "e2e-bytes", "args-bytes.nomad.hcl", map[string]any{"toplevel": tiny(t)})
 	a := waitAlloc(t, "e2e-bytes", time.Minute, "completion", func(a allocation) bool { return a.ClientStatus != "pending" && a.ClientStatus != "running" })
 	must.EqOp(t, "complete", a.ClientStatus, must.Sprint(pretty(a.TaskStates["t"].Events)))
 	out := nomad(t, "alloc", "logs", a.ID, "t")
@@ -82,8 +42,7 @@ func TestArgsAndEnvByteForByte(t *testing.T) {
 // and the machine is killed only after kill_timeout.
 func TestCustomKillSignal(t *testing.T) {
 	const timeout = 3 * time.Second
-	runJob(t, "e2e-killsig", job("e2e-killsig", "service", tiny(t), nil, `kill_signal  = "SIGUSR1"
-      kill_timeout = "3s"`))
+	runJob(t, "e2e-killsig", "kill-signal.nomad.hcl", map[string]any{"toplevel": tiny(t)})
 	alloc := waitAlloc(t, "e2e-killsig", time.Minute, "running", running)
 	logs := func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out }
 	waitOutput(t, 30*time.Second, "tinyinit: ready", logs)
@@ -108,13 +67,13 @@ func TestToplevelLinkAndSlash(t *testing.T) {
 	const link = "/run/e2e-profile-web"
 	host(t, "ln", "-sfn", tiny(t), link)
 	t.Cleanup(func() { host(t, "rm", "-f", link) })
-	runJob(t, "e2e-link", job("e2e-link", "batch", link, nil, ""))
+	runJob(t, "e2e-link", "machine.nomad.hcl", map[string]any{"toplevel": link})
 	a := waitAlloc(t, "e2e-link", time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
 	out := nomad(t, "alloc", "status", a.ID)
 	must.StrContains(t, out, "a symbolic link, and the driver does not follow links", must.Sprint(out))
 	must.StrContains(t, out, "readlink -f", must.Sprint(out))
 
-	runJob(t, "e2e-slash", job("e2e-slash", "batch", tiny(t)+"/", []string{"print=slash-ok", "exit=0"}, ""))
+	runJob(t, "e2e-slash", "machine.nomad.hcl", map[string]any{"toplevel": tiny(t) + "/", "init_args": []string{"print=slash-ok", "exit=0"}})
 	a = waitAlloc(t, "e2e-slash", time.Minute, "completion", func(a allocation) bool { return a.ClientStatus == "complete" })
 	must.StrContains(t, nomad(t, "alloc", "logs", a.ID, "t"), "slash-ok")
 }

@@ -38,7 +38,7 @@ func TestNodeFingerprint(t *testing.T) {
 
 // A service job booting a systemd guest: what a user looks at.
 func TestServiceJob(t *testing.T) {
-	runJob(t, "e2e-service", job("e2e-service", "service", systemd(t), nil, ""))
+	runJob(t, "e2e-service", "machine.nomad.hcl", map[string]any{"toplevel": systemd(t), "type": "service"})
 	alloc := waitAlloc(t, "e2e-service", 2*time.Minute, "running", running)
 
 	t.Run("readiness event", func(t *testing.T) {
@@ -130,8 +130,7 @@ func TestServiceJob(t *testing.T) {
 
 // Exec in a guest whose PID 1 is not systemd enters the machine's namespaces.
 func TestExecWithoutSystemd(t *testing.T) {
-	hcl := strings.Replace(job("e2e-exectiny", "service", tiny(t), nil, ""), "init_args = []", "init_args = []\n        store_view = \"host\"", 1)
-	runJob(t, "e2e-exectiny", hcl)
+	runJob(t, "e2e-exectiny", "exec-host-store.nomad.hcl", map[string]any{"toplevel": tiny(t)})
 	alloc := waitAlloc(t, "e2e-exectiny", time.Minute, "running", running)
 	waitOutput(t, 30*time.Second, "tinyinit: ready", func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out })
 
@@ -150,7 +149,7 @@ func TestExecWithoutSystemd(t *testing.T) {
 }
 
 func TestSignal(t *testing.T) {
-	runJob(t, "e2e-signal", job("e2e-signal", "service", tiny(t), nil, ""))
+	runJob(t, "e2e-signal", "machine.nomad.hcl", map[string]any{"toplevel": tiny(t), "type": "service"})
 	alloc := waitAlloc(t, "e2e-signal", time.Minute, "running", running)
 	waitOutput(t, 30*time.Second, "tinyinit: ready", func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out })
 	nomad(t, "alloc", "signal", "-s", "SIGUSR1", alloc.ID, "t")
@@ -159,14 +158,13 @@ func TestSignal(t *testing.T) {
 
 func TestBatchJobs(t *testing.T) {
 	t.Run("exit 0 completes", func(t *testing.T) {
-		runJob(t, "e2e-batch0", job("e2e-batch0", "batch", tiny(t), []string{"print=batch-output", "exit=0"}, ""))
+		runJob(t, "e2e-batch0", "machine.nomad.hcl", map[string]any{"toplevel": tiny(t), "init_args": []string{"print=batch-output", "exit=0"}})
 		a := waitAlloc(t, "e2e-batch0", time.Minute, "completion", func(a allocation) bool { return a.ClientStatus == "complete" })
 		must.True(t, hasEvent(a.TaskStates["t"], "Terminated", "Exit Code: 0"), must.Sprint(pretty(a.TaskStates["t"].Events)))
 		must.StrContains(t, nomad(t, "alloc", "logs", a.ID, "t"), "batch-output")
 	})
 	t.Run("exit 3 fails after the restart policy's attempts", func(t *testing.T) {
-		hcl := strings.Replace(job("e2e-batch3", "batch", tiny(t), []string{"exit=3"}, ""), "attempts = 0\n      mode", "attempts = 1\n      delay    = \"1s\"\n      mode", 1)
-		runJob(t, "e2e-batch3", hcl)
+		runJob(t, "e2e-batch3", "machine.nomad.hcl", map[string]any{"toplevel": tiny(t), "init_args": []string{"exit=3"}, "restart_attempts": 1})
 		a := waitAlloc(t, "e2e-batch3", 2*time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
 		ts := a.TaskStates["t"]
 		must.True(t, ts.Failed)
@@ -177,7 +175,7 @@ func TestBatchJobs(t *testing.T) {
 }
 
 func TestInvalidJob(t *testing.T) {
-	runJob(t, "e2e-invalid", job("e2e-invalid", "batch", "/nix/store/00000000000000000000000000000000-nixos-system-gone", nil, ""))
+	runJob(t, "e2e-invalid", "machine.nomad.hcl", map[string]any{"toplevel": "/nix/store/00000000000000000000000000000000-nixos-system-gone"})
 	a := waitAlloc(t, "e2e-invalid", time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
 	out := nomad(t, "alloc", "status", a.ID)
 	// The test host has Nix, so the driver asks it to realise the path; nothing can provide it.
@@ -186,7 +184,7 @@ func TestInvalidJob(t *testing.T) {
 
 // The plugin dies: the machine runs on, and its later exit is reported.
 func TestPluginKilled(t *testing.T) {
-	runJob(t, "e2e-pluginkill", job("e2e-pluginkill", "batch", tiny(t), []string{"exit=7", "sleep=15s"}, ""))
+	runJob(t, "e2e-pluginkill", "machine.nomad.hcl", map[string]any{"toplevel": tiny(t), "init_args": []string{"exit=7", "sleep=15s"}})
 	alloc := waitAlloc(t, "e2e-pluginkill", time.Minute, "running", running)
 	waitOutput(t, 30*time.Second, "tinyinit: ready", func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out })
 	// The plugin process has no arguments (its console forwarders are another binary).
@@ -199,7 +197,7 @@ func TestPluginKilled(t *testing.T) {
 
 // The agent is killed and comes back: machines are recovered, not restarted.
 func TestAgentKilled(t *testing.T) {
-	runJob(t, "e2e-agentkill", job("e2e-agentkill", "service", tiny(t), nil, ""))
+	runJob(t, "e2e-agentkill", "machine.nomad.hcl", map[string]any{"toplevel": tiny(t), "type": "service"})
 	alloc := waitAlloc(t, "e2e-agentkill", time.Minute, "running", running)
 	machine := "nomad-" + alloc.ID[:8] + "-t"
 	leader := strings.TrimSpace(host(t, "machinectl", "show", "-p", "Leader", "--value", machine))

@@ -124,12 +124,37 @@ func api(t *testing.T, path string, out any) {
 	must.NoError(t, json.NewDecoder(resp.Body).Decode(out))
 }
 
-// runJob registers a job from HCL and purges it when the test ends.
-func runJob(t *testing.T, id, hcl string) {
+// runJob registers the job spec e2e/jobs/<file> under the ID id, with the spec's HCL2 variables
+// set to vars (strings as they are, other values as JSON, which HCL reads), and purges it when the
+// test ends. The ID is the test's, not the spec's label: one spec serves the tests that differ only
+// in its variables, and each test's job stays apart from the others' in Nomad's state.
+func runJob(t *testing.T, id, file string, vars map[string]any) {
 	t.Helper()
-	file := filepath.Join(t.TempDir(), id+".nomad.hcl")
-	must.NoError(t, os.WriteFile(file, []byte(hcl), 0o644))
-	nomad(t, "job", "run", "-detach", file)
+	args := []string{"job", "run", "-output"}
+	for k, v := range vars {
+		s, ok := v.(string)
+		if !ok {
+			b, err := json.Marshal(v)
+			must.NoError(t, err)
+			s = string(b)
+		}
+		args = append(args, "-var", k+"="+s)
+	}
+	args = append(args, filepath.Join(repoRoot, "e2e", "jobs", file))
+	cmd := exec.Command(filepath.Join(repoRoot, "build", "nomad"), args...)
+	cmd.Env = append(os.Environ(), "NOMAD_ADDR="+nomadAddr())
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	must.NoError(t, err, must.Sprintf("nomad %s:\n%s", strings.Join(args, " "), stderr.String()))
+	var spec struct{ Job map[string]any }
+	must.NoError(t, json.Unmarshal(out, &spec))
+	spec.Job["ID"], spec.Job["Name"] = id, id
+	rendered, err := json.Marshal(spec)
+	must.NoError(t, err)
+	path := filepath.Join(t.TempDir(), id+".json")
+	must.NoError(t, os.WriteFile(path, rendered, 0o644))
+	nomad(t, "job", "run", "-json", "-detach", path)
 	t.Cleanup(func() { _, _ = nomadErr("job", "stop", "-purge", id) })
 }
 
@@ -205,40 +230,6 @@ func waitOutput(t *testing.T, timeout time.Duration, want string, f func() strin
 		t.Fatalf("never saw %q; last output:\n%s", want, out)
 	}
 	return out
-}
-
-// job renders a single-task job for the driver.
-func job(name, typ, toplevel string, initArgs []string, extra string) string {
-	quoted := make([]string, len(initArgs))
-	for i, a := range initArgs {
-		quoted[i] = fmt.Sprintf("%q", a)
-	}
-	return fmt.Sprintf(`job %q {
-  type = %q
-  group "g" {
-    restart {
-      attempts = 0
-      mode     = "fail"
-    }
-    reschedule {
-      attempts  = 0
-      unlimited = false
-    }
-    task "t" {
-      driver = "nixos-nspawn"
-      config {
-        toplevel  = %q
-        init_args = [%s]
-      }
-      resources {
-        cpu    = 200
-        memory = 256
-      }
-      %s
-    }
-  }
-}
-`, name, typ, toplevel, strings.Join(quoted, ", "), extra)
 }
 
 // machinesOnHost lists the driver's machines in the test host.

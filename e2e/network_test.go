@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"strings"
 	"testing"
 	"time"
 
@@ -21,20 +20,7 @@ import (
 // reported when the task started, and the group's port reaches the guest through the host.
 // The build machine shares the test host's network, so both are reachable from here.
 func TestNetworkAddressAndPort(t *testing.T) {
-	hcl := job("e2e-net", "service", systemd(t), nil, `service {
-        name         = "e2e-net-web"
-        provider     = "nomad"
-        port         = "http"
-        address_mode = "driver"
-      }`)
-	hcl = strings.Replace(hcl, `  group "g" {`, `  group "g" {
-    network {
-      port "http" {
-        to = 8080
-      }
-    }`, 1)
-	hcl = strings.Replace(hcl, "        init_args", "        ports     = [\"http\"]\n        init_args", 1)
-	runJob(t, "e2e-net", hcl)
+	runJob(t, "e2e-net", "network.nomad.hcl", map[string]any{"toplevel": systemd(t)})
 	a := waitAlloc(t, "e2e-net", 2*time.Minute, "running", running)
 
 	var regs []struct {

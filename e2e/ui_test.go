@@ -37,8 +37,7 @@ func TestUIAllocationPage(t *testing.T) {
 	must.NoError(t, err, must.Sprintf("e2e/ui/setup.sh:\n%s", out))
 	t.Logf("e2e/ui/setup.sh took %s", time.Since(start).Round(100*time.Millisecond))
 
-	hcl := strings.Replace(job(jobID, "service", systemd(t), nil, ""), `task "t"`, `task "`+task+`"`, 1)
-	runJob(t, jobID, hcl)
+	runJob(t, jobID, "ui.nomad.hcl", map[string]any{"toplevel": systemd(t)})
 	alloc := waitAlloc(t, jobID, 2*time.Minute, "running with the readiness event", func(a allocation) bool {
 		return running(a) && hasEvent(a.TaskStates[task], "Driver", "Machine is ready")
 	})
