@@ -318,6 +318,19 @@ func TestClosureSharingAndCollection(t *testing.T) {
 		intoTaskDir(t, cfg, "tiny-xz", "local/cache")
 		cfgs = append(cfgs, cfg)
 	}
+	got := events(t, td)
+	// How many paths the fetch events of all tasks so far report.
+	fetched := func() int {
+		n := 0
+		for _, m := range got() {
+			if rest, ok := strings.CutPrefix(m, "closure fetched into the driver store: "); ok {
+				k, err := strconv.Atoi(strings.Fields(rest)[0])
+				must.NoError(t, err, must.Sprint(m))
+				n += k
+			}
+		}
+		return n
+	}
 	var wg sync.WaitGroup
 	errs := make([]error, len(cfgs))
 	for i, cfg := range cfgs {
@@ -333,15 +346,14 @@ func TestClosureSharingAndCollection(t *testing.T) {
 		must.NoError(t, err)
 	}
 	closure := requisitesOf(t, tiny)
-	paths, bytes := td.d.importer().Fetched()
-	must.EqOp(t, uint64(len(closure)), paths)
+	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool { return fetched() == len(closure) }),
+		wait.Timeout(5*time.Second), wait.Gap(50*time.Millisecond)), must.Sprintf("events: %q", got()))
 
 	third := td.newTask(t, "web", tiny, []string{"store"}, withCache)
 	intoTaskDir(t, third, "tiny-xz", "local/cache")
 	td.start(t, third)
-	p3, b3 := td.d.importer().Fetched()
-	must.EqOp(t, paths, p3)
-	must.EqOp(t, bytes, b3)
+	must.Wait(t, wait.ContinualSuccess(wait.BoolFunc(func() bool { return fetched() == len(closure) }),
+		wait.Timeout(time.Second), wait.Gap(50*time.Millisecond)), must.Sprintf("the third start fetched again; events: %q", got()))
 
 	// A closure whose only allocation is gone is removed once the grace period passed.
 	other := td.newTask(t, "batch", cached, []string{"exit=0"}, withCache)
