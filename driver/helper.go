@@ -43,7 +43,7 @@ func installConsoleHelper(dataDir string) (string, error) {
 	if have, err := os.ReadFile(path); err == nil && bytes.Equal(have, bin) {
 		return path, nil
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("installing the console helper: %w", err)
 	}
 	tmp, err := os.CreateTemp(dir, ".console-")
@@ -52,7 +52,7 @@ func installConsoleHelper(dataDir string) (string, error) {
 	}
 	_, err = tmp.Write(bin)
 	if err == nil {
-		err = tmp.Chmod(0o755)
+		err = tmp.Chmod(0o700)
 	}
 	if cerr := tmp.Close(); err == nil {
 		err = cerr

@@ -30,7 +30,7 @@ func TestInstallConsoleHelper(t *testing.T) {
 	must.True(t, strings.HasPrefix(filepath.Base(path), "console-"))
 	fi, err := os.Stat(path)
 	must.NoError(t, err)
-	must.EqOp(t, os.FileMode(0o755), fi.Mode().Perm())
+	must.EqOp(t, os.FileMode(0o700), fi.Mode().Perm())
 	got, err := os.ReadFile(path)
 	must.NoError(t, err)
 	must.Eq(t, embedded, got)

@@ -5,6 +5,8 @@ package nspawn
 
 import (
 	"strconv"
+	"strings"
+	"syscall"
 	"time"
 
 	sddbus "github.com/coreos/go-systemd/v22/dbus"
@@ -28,7 +30,7 @@ func ConsoleUnit(machine string) string { return machine + "-console.service" }
 
 // UnitProperties are the properties of the forwarder's transient unit.
 func (f *Forwarder) UnitProperties(machineUnit string) []sddbus.Property {
-	return []sddbus.Property{
+	return append([]sddbus.Property{
 		sddbus.PropDescription("Console of " + machineUnit),
 		// Not ignore-failure: a failed forwarder must not count as a success, or it is not
 		// restarted. Nomad's FIFO paths hold the task's name, which may hold a '$'.
@@ -47,5 +49,73 @@ func (f *Forwarder) UnitProperties(machineUnit string) []sddbus.Property {
 		prop("NotifyAccess", "main"),
 		prop("StandardInput", "null"),
 		prop("StandardOutput", "journal"),
+	}, f.sandbox()...)
+}
+
+// sandbox confines the forwarder to what it does: read and write its machine directory and
+// write to Nomad's FIFOs. It stays root only to own those files (root made them, mode 0600),
+// with no capability at all, so it can touch nothing else that root owns through permissions
+// alone; everything else systemd can take away, it takes.
+func (f *Forwarder) sandbox() []sddbus.Property {
+	used := []string{f.Helper, f.MachineDir, f.FIFO, f.StderrFIFO}
+	props := []sddbus.Property{
+		prop("CapabilityBoundingSet", uint64(0)),
+		prop("AmbientCapabilities", uint64(0)),
+		prop("NoNewPrivileges", true),
+		prop("ProtectSystem", "strict"),
+		prop("ReadWritePaths", []string{f.MachineDir}),
+		prop("PrivateDevices", true),
+		prop("DevicePolicy", "closed"),
+		prop("PrivateNetwork", true),
+		prop("IPAddressDeny", []ipAddress{
+			{Family: syscall.AF_INET, Address: make([]byte, 4)},
+			{Family: syscall.AF_INET6, Address: make([]byte, 16)},
+		}),
+		// sd_notify and the fd store are all the sockets it needs.
+		prop("RestrictAddressFamilies", allowList{Allow: true, Items: []string{"AF_UNIX"}}),
+		prop("PrivateUsers", true),
+		prop("ProtectKernelTunables", true),
+		prop("ProtectKernelModules", true),
+		prop("ProtectKernelLogs", true),
+		prop("ProtectControlGroups", true),
+		prop("ProtectClock", true),
+		prop("ProtectHostname", true),
+		prop("ProtectProc", "invisible"),
+		prop("ProcSubset", "pid"),
+		// The namespaces a unit may create: none.
+		prop("RestrictNamespaces", uint64(0)),
+		prop("RestrictRealtime", true),
+		prop("RestrictSUIDSGID", true),
+		prop("LockPersonality", true),
+		prop("MemoryDenyWriteExecute", true),
+		prop("SystemCallArchitectures", []string{"native"}),
+		prop("SystemCallFilter", allowList{Allow: true, Items: []string{"@system-service"}}),
+		// A call outside the filter fails instead of killing the forwarder mid-write.
+		prop("SystemCallErrorNumber", int32(syscall.EPERM)),
+		prop("RemoveIPC", true),
+		prop("KeyringMode", "private"),
+		prop("UMask", uint32(0o077)),
 	}
+	// A private /tmp or an empty /home would hide a data_dir or alloc dir that lives there.
+	if !underAny(used, "/tmp", "/var/tmp") {
+		props = append(props, prop("PrivateTmp", true))
+	}
+	if underAny(used, "/home", "/root", "/run/user") {
+		props = append(props, prop("ProtectHome", "read-only"))
+	} else {
+		props = append(props, prop("ProtectHome", "yes"))
+	}
+	return props
+}
+
+// underAny says whether one of paths is dir or below it, for one of dirs.
+func underAny(paths []string, dirs ...string) bool {
+	for _, p := range paths {
+		for _, d := range dirs {
+			if p == d || strings.HasPrefix(p, d+"/") {
+				return true
+			}
+		}
+	}
+	return false
 }

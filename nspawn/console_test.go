@@ -53,3 +53,29 @@ func TestForwarderUnitProperties_Dollar(t *testing.T) {
 	}
 	t.Fatal("no ExecStartEx")
 }
+
+// The forwarder writes only its machine directory; a private /tmp or an empty /home is left out
+// where they would hide a path it uses.
+func TestForwarderSandbox(t *testing.T) {
+	props := func(f Forwarder) map[string]any {
+		out := map[string]any{}
+		for _, p := range f.UnitProperties("u.service") {
+			out[p.Name] = p.Value.Value()
+		}
+		return out
+	}
+	p := props(Forwarder{Helper: "/var/lib/d/bin/console", MachineDir: "/var/lib/d/machines/m", FIFO: "/var/lib/nomad/a/.w.stdout.fifo", StderrFIFO: "/dev/null"})
+	must.Eq(t, uint64(0), p["CapabilityBoundingSet"].(uint64))
+	must.EqOp(t, "strict", p["ProtectSystem"].(string))
+	must.Eq(t, []string{"/var/lib/d/machines/m"}, p["ReadWritePaths"].([]string))
+	must.Eq(t, allowList{Allow: true, Items: []string{"AF_UNIX"}}, p["RestrictAddressFamilies"].(allowList))
+	must.Eq(t, allowList{Allow: true, Items: []string{"@system-service"}}, p["SystemCallFilter"].(allowList))
+	must.True(t, p["PrivateTmp"].(bool))
+	must.EqOp(t, "yes", p["ProtectHome"].(string))
+
+	p = props(Forwarder{Helper: "/var/lib/d/bin/console", MachineDir: "/tmp/d/machines/m", FIFO: "/home/n/a/.w.stdout.fifo", StderrFIFO: "/dev/null"})
+	_, private := p["PrivateTmp"]
+	must.False(t, private)
+	must.EqOp(t, "read-only", p["ProtectHome"].(string))
+	must.False(t, underAny([]string{"/tmpfoo/x"}, "/tmp"))
+}

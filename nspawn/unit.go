@@ -22,6 +22,21 @@ type deviceAllow struct {
 	Access string
 }
 
+// ipAddress is an entry of IPAddressAllow= and IPAddressDeny=, a prefix; a zero-length one of
+// each family is "any".
+type ipAddress struct {
+	Family    int32
+	Address   []byte
+	PrefixLen uint32
+}
+
+// allowList is the value of RestrictAddressFamilies= and SystemCallFilter=: the items allowed,
+// or (Allow false) the items denied.
+type allowList struct {
+	Allow bool
+	Items []string
+}
+
 type execCommand struct {
 	Path             string
 	Args             []string
@@ -41,6 +56,24 @@ type exitStatusSet struct {
 }
 
 // UnitProperties are the properties of the transient service that runs the machine.
+//
+// Its sandboxing is that of the stock systemd-nspawn@.service (systemd-analyze security scores
+// them alike) and no tighter, because whatever the unit sets, the guest inherits, and nspawn
+// confines the guest itself (user namespace, seccomp filter, capability set):
+//   - root with every capability, no PrivateUsers=, RestrictNamespaces=, NoNewPrivileges=:
+//     nspawn makes the guest's namespaces and user mapping and then drops to the guest's set;
+//     a guest's setuid programs (sudo) need the unit without NoNewPrivileges=.
+//   - no ProtectSystem=, ProtectHome=, PrivateTmp=, PrivateMounts=: nspawn mounts the root, the
+//     store and the binds from wherever the host keeps them (a data_dir under /tmp included).
+//   - no SystemCallFilter=, SystemCallArchitectures=, MemoryDenyWriteExecute=, LockPersonality=,
+//     RestrictRealtime=, RestrictSUIDSGID=, UMask=: a unit-wide filter would bound what nspawn's
+//     own filter and the task's system_call_filter allow the guest (32-bit programs, JITs,
+//     setuid files, its own file modes).
+//   - no PrivateNetwork=, IPAddressDeny=, RestrictAddressFamilies=: they would apply to the
+//     guest's traffic too; nspawn makes the veth over netlink.
+//   - no ProtectKernel*=, ProtectClock=, ProtectControlGroups=, ProtectHostname=: nspawn gives the
+//     guest read-only /proc/sys and /sys, its own UTS namespace and a delegated cgroup subtree.
+//   - Delegate=yes (the guest's systemd runs its subtree), DeviceAllow= /dev/net/tun and ptys.
 func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 	props := []sddbus.Property{
 		sddbus.PropDescription(s.Description),
@@ -49,7 +82,7 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		// nspawn says READY=1 only once the guest did (--notify-ready=yes), so activation of the
 		// unit is the guest's readiness, and TimeoutStartSec is the ready timeout.
 		sddbus.PropType("notify"),
-		prop("NotifyAccess", "all"),
+		prop("NotifyAccess", "main"),
 		prop("TimeoutStartUSec", uint64(s.ReadyTimeout.Microseconds())),
 		// nspawn runs its own cgroup subtree for the guest, and a guest systemd needs it writable.
 		prop("Delegate", true),
@@ -66,7 +99,7 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		// where the driver finds it. /bin/sh is on every systemd host, NixOS included.
 		prop("ExecStopPost", []execCommand{{
 			Path: "/bin/sh",
-			Args: []string{"/bin/sh", "-c", `printf '%s %s %s\n' "$SERVICE_RESULT" "$EXIT_CODE" "$EXIT_STATUS" >'` + s.ExitFile + `'`},
+			Args: []string{"/bin/sh", "-c", `umask 077; printf '%s %s %s\n' "$SERVICE_RESULT" "$EXIT_CODE" "$EXIT_STATUS" >'` + s.ExitFile + `'`},
 		}}),
 		sddbus.PropSlice(s.Slice),
 		prop("MemoryAccounting", true),
