@@ -4,6 +4,7 @@
 package driver
 
 import (
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -53,21 +54,27 @@ var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"address_pool":         hclspec.NewDefault(hclspec.NewAttr("address_pool", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPool))),
 	"address_pool_ipv6":    hclspec.NewDefault(hclspec.NewAttr("address_pool_ipv6", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPoolIPv6))),
 	"console_backlog":      hclspec.NewDefault(hclspec.NewAttr("console_backlog", "string", false), hclspec.NewLiteral(strconv.Quote(defaultConsoleBacklog))),
+	"allow_caps":           hclspec.NewAttr("allow_caps", "list(string)", false),
+	"allow_system_calls":   hclspec.NewAttr("allow_system_calls", "list(string)", false),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
-	"toplevel":      hclspec.NewAttr("toplevel", "string", true),
-	"init_args":     hclspec.NewAttr("init_args", "list(string)", false),
-	"ready_timeout": hclspec.NewDefault(hclspec.NewAttr("ready_timeout", "string", false), hclspec.NewLiteral(strconv.Quote(defaultReadyTimeout))),
-	"private_users": hclspec.NewDefault(hclspec.NewAttr("private_users", "string", false), hclspec.NewLiteral(`"pick"`)),
-	"reboot_policy": hclspec.NewDefault(hclspec.NewAttr("reboot_policy", "string", false), hclspec.NewLiteral(`"exit"`)),
-	"network_mode":  hclspec.NewDefault(hclspec.NewAttr("network_mode", "string", false), hclspec.NewLiteral(`"veth"`)),
-	"host_bridge":   hclspec.NewAttr("host_bridge", "string", false),
-	"binary_cache":  hclspec.NewAttr("binary_cache", "string", false),
-	"export":        hclspec.NewAttr("export", "string", false),
-	"substituters":  hclspec.NewAttr("substituters", "list(string)", false),
-	"store_view":    hclspec.NewDefault(hclspec.NewAttr("store_view", "string", false), hclspec.NewLiteral(`"closure"`)),
-	"ports":         hclspec.NewAttr("ports", "list(string)", false),
+	"toplevel":           hclspec.NewAttr("toplevel", "string", true),
+	"init_args":          hclspec.NewAttr("init_args", "list(string)", false),
+	"ready_timeout":      hclspec.NewDefault(hclspec.NewAttr("ready_timeout", "string", false), hclspec.NewLiteral(strconv.Quote(defaultReadyTimeout))),
+	"private_users":      hclspec.NewDefault(hclspec.NewAttr("private_users", "string", false), hclspec.NewLiteral(`"pick"`)),
+	"reboot_policy":      hclspec.NewDefault(hclspec.NewAttr("reboot_policy", "string", false), hclspec.NewLiteral(`"exit"`)),
+	"network_mode":       hclspec.NewDefault(hclspec.NewAttr("network_mode", "string", false), hclspec.NewLiteral(`"veth"`)),
+	"host_bridge":        hclspec.NewAttr("host_bridge", "string", false),
+	"binary_cache":       hclspec.NewAttr("binary_cache", "string", false),
+	"export":             hclspec.NewAttr("export", "string", false),
+	"substituters":       hclspec.NewAttr("substituters", "list(string)", false),
+	"store_view":         hclspec.NewDefault(hclspec.NewAttr("store_view", "string", false), hclspec.NewLiteral(`"closure"`)),
+	"ports":              hclspec.NewAttr("ports", "list(string)", false),
+	"cap_add":            hclspec.NewAttr("cap_add", "list(string)", false),
+	"cap_drop":           hclspec.NewAttr("cap_drop", "list(string)", false),
+	"system_call_filter": hclspec.NewAttr("system_call_filter", "list(string)", false),
+	"no_new_privileges":  hclspec.NewAttr("no_new_privileges", "bool", false),
 })
 
 // PluginConfig is the plugin block of the Nomad agent configuration.
@@ -104,6 +111,12 @@ type PluginConfig struct {
 	// the forwarder drops what it did not deliver (and says so).
 	ConsoleBacklog string `codec:"console_backlog"`
 
+	// AllowCaps are the capabilities a guest may have (nspawn's defaults when not given).
+	AllowCaps []string `codec:"allow_caps"`
+	// AllowSystemCalls are the system calls and @groups a task may add to nspawn's filter.
+	AllowSystemCalls []string `codec:"allow_system_calls"`
+
+	allowCaps           []string
 	gcGrace             time.Duration
 	consoleBacklog      int64
 	keys                closure.TrustedKeys
@@ -130,6 +143,12 @@ type TaskConfig struct {
 	StoreView string `codec:"store_view"`
 	// Ports are labels of the group's network ports, forwarded from the host into the machine.
 	Ports []string `codec:"ports"`
+	// CapAdd and CapDrop change the guest's capabilities, within the plugin config's allow_caps.
+	CapAdd  []string `codec:"cap_add"`
+	CapDrop []string `codec:"cap_drop"`
+	// SystemCallFilter adds ("name") or denies ("~name") system calls and @groups.
+	SystemCallFilter []string `codec:"system_call_filter"`
+	NoNewPrivileges  bool     `codec:"no_new_privileges"`
 }
 
 // ifName is what Linux accepts as an interface name, without the characters ip(8) treats specially.
@@ -184,6 +203,12 @@ func (c *PluginConfig) validate() error {
 	if c.pools, err = parsePools(c.AddressPool, c.AddressPoolIPv6); err != nil {
 		return err
 	}
+	if c.allowCaps, err = parseAllowCaps(c.AllowCaps); err != nil {
+		return err
+	}
+	if err := parseAllowSystemCalls(c.AllowSystemCalls); err != nil {
+		return err
+	}
 	for _, t := range []struct {
 		field, name string
 		path        *string
@@ -200,6 +225,28 @@ func (c *PluginConfig) validate() error {
 		if !filepath.IsAbs(*t.path) {
 			return fmt.Errorf("%s = %q: must be an absolute path to %s", t.field, *t.path, t.name)
 		}
+	}
+	return nil
+}
+
+// prepareDataDir makes data_dir, readable by root alone, or checks the one there: root runs what
+// it holds (the console helper, machine roots), so no one else may be able to change it.
+func prepareDataDir(dir string) error {
+	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+		return fmt.Errorf("data_dir = %q: %w", dir, err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("data_dir = %q: %w", dir, err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("data_dir = %q: %w", dir, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("data_dir = %q: not a directory (a %s); give the path of a directory, not of a link to one", dir, fi.Mode().Type())
+	}
+	if fi.Mode().Perm()&0o002 != 0 {
+		return fmt.Errorf("data_dir = %q: writable by every user (mode %04o), who could replace what root runs from it; run `chmod o-w %s` (0700 is what the driver makes) or choose another directory", dir, fi.Mode().Perm(), dir)
 	}
 	return nil
 }
@@ -222,6 +269,7 @@ type taskOptions struct {
 	networkMode  string
 	storeView    string
 	substituters []closure.CacheURL
+	privileges   nspawn.Privileges
 }
 
 // validate checks the task config; it runs after Nomad's interpolation, so it sees the values

@@ -221,19 +221,19 @@ func TestTaskConfigOptions_OK(t *testing.T) {
 		mutate func(*TaskConfig)
 		want   taskOptions
 	}{
-		{"defaults", func(*TaskConfig) {}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil}},
-		{"ready_timeout 2m", func(c *TaskConfig) { c.ReadyTimeout = "2m" }, taskOptions{2 * time.Minute, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil}},
-		{"ready_timeout 1h is the maximum", func(c *TaskConfig) { c.ReadyTimeout = "1h" }, taskOptions{time.Hour, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil}},
-		{"ready_timeout 1ms", func(c *TaskConfig) { c.ReadyTimeout = "1ms" }, taskOptions{time.Millisecond, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil}},
-		{"private_users range", func(c *TaskConfig) { c.PrivateUsers = "524288:65536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil}},
-		{"private_users base only", func(c *TaskConfig) { c.PrivateUsers = "524288" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil}},
-		{"private_users normalized", func(c *TaskConfig) { c.PrivateUsers = "0524288:065536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil}},
-		{"private_users last range", func(c *TaskConfig) { c.PrivateUsers = "1878982656" }, taskOptions{90 * time.Second, "1878982656:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil}},
-		{"reboot_policy restart", func(c *TaskConfig) { c.RebootPolicy = "restart" }, taskOptions{90 * time.Second, "pick", nspawn.RebootRestart, nspawn.NetworkVeth, "closure", nil}},
-		{"network_mode none", func(c *TaskConfig) { c.NetworkMode = "none" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkNone, "closure", nil}},
-		{"network_mode host", func(c *TaskConfig) { c.NetworkMode = "host" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkHost, "closure", nil}},
-		{"host_bridge with veth", func(c *TaskConfig) { c.HostBridge = "br0" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil}},
-		{"init_args", func(c *TaskConfig) { c.InitArgs = []string{"systemd.unit=rescue.target", "a b", "--"} }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil}},
+		{"defaults", func(*TaskConfig) {}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"ready_timeout 2m", func(c *TaskConfig) { c.ReadyTimeout = "2m" }, taskOptions{2 * time.Minute, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"ready_timeout 1h is the maximum", func(c *TaskConfig) { c.ReadyTimeout = "1h" }, taskOptions{time.Hour, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"ready_timeout 1ms", func(c *TaskConfig) { c.ReadyTimeout = "1ms" }, taskOptions{time.Millisecond, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"private_users range", func(c *TaskConfig) { c.PrivateUsers = "524288:65536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"private_users base only", func(c *TaskConfig) { c.PrivateUsers = "524288" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"private_users normalized", func(c *TaskConfig) { c.PrivateUsers = "0524288:065536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"private_users last range", func(c *TaskConfig) { c.PrivateUsers = "1878982656" }, taskOptions{90 * time.Second, "1878982656:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"reboot_policy restart", func(c *TaskConfig) { c.RebootPolicy = "restart" }, taskOptions{90 * time.Second, "pick", nspawn.RebootRestart, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"network_mode none", func(c *TaskConfig) { c.NetworkMode = "none" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkNone, "closure", nil, nspawn.Privileges{}}},
+		{"network_mode host", func(c *TaskConfig) { c.NetworkMode = "host" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkHost, "closure", nil, nspawn.Privileges{}}},
+		{"host_bridge with veth", func(c *TaskConfig) { c.HostBridge = "br0" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"init_args", func(c *TaskConfig) { c.InitArgs = []string{"systemd.unit=rescue.target", "a b", "--"} }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

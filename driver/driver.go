@@ -135,6 +135,9 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 	var imp *closure.Importer
 	var helper string
 	if c.Enabled {
+		if err := prepareDataDir(c.DataDir); err != nil {
+			return fmt.Errorf("nixos-nspawn plugin config: %w", err)
+		}
 		if helper, err = installConsoleHelper(c.DataDir); err != nil {
 			return fmt.Errorf("nixos-nspawn plugin config: %w", err)
 		}
@@ -220,6 +223,9 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	}
 	opts, err := tc.validate()
 	if err != nil {
+		return nil, nil, err
+	}
+	if opts.privileges, err = tc.privileges(pc, opts.networkMode); err != nil {
 		return nil, nil, err
 	}
 	m, err := d.machine(cfg.AllocID, cfg.Name)

@@ -45,6 +45,7 @@ func (d *Driver) machineSpec(m *machine, cfg *drivers.TaskConfig, tc *TaskConfig
 		RebootPolicy:  o.rebootPolicy,
 		Resources:     resources(cfg.Resources, pc.TasksMax),
 		Store:         store,
+		Privileges:    o.privileges,
 	}
 	var err error
 	if s.Network, err = machineNetwork(cfg, tc, o, pc, m.name); err != nil {

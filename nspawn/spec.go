@@ -71,9 +71,10 @@ type Spec struct {
 	StopTimeout  time.Duration
 	RebootPolicy RebootPolicy
 
-	Network   Network
-	Resources Resources
-	Store     StoreView
+	Network    Network
+	Resources  Resources
+	Store      StoreView
+	Privileges Privileges
 }
 
 // StoreView is what the machine sees in /nix/store.
@@ -179,6 +180,7 @@ func (s *Spec) Args() []string {
 	}
 	args = append(args, s.Store.args()...)
 	args = append(args, s.Network.args()...)
+	args = append(args, s.Privileges.args()...)
 	if s.UUID != "" {
 		args = append(args, "--uuid="+s.UUID)
 	}

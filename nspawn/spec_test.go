@@ -203,3 +203,20 @@ func TestSpecArgs_Network(t *testing.T) {
 		})
 	}
 }
+
+func TestSpecArgs_Privileges(t *testing.T) {
+	s := Spec{Privileges: Privileges{
+		AddCaps: []string{"CAP_SYS_TIME"}, DropCaps: []string{"CAP_NET_RAW", "CAP_SYS_BOOT"},
+		AllowSystemCalls: []string{"@clock"}, DenySystemCalls: []string{"@debug", "sethostname"},
+		NoNewPrivileges: true,
+	}}
+	args := s.Args()
+	for _, want := range []string{
+		"--capability=CAP_SYS_TIME", "--drop-capability=CAP_NET_RAW,CAP_SYS_BOOT",
+		"--system-call-filter=@clock", "--system-call-filter=~@debug sethostname", "--no-new-privileges=yes",
+	} {
+		must.SliceContains(t, args, want)
+	}
+	// Guest arguments come after "--", never among nspawn's.
+	must.Eq(t, "--", args[len(args)-2])
+}
