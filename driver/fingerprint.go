@@ -89,6 +89,9 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 		problems = append(problems, fmt.Sprintf("systemd is not reachable over D-Bus: %v", err))
 	} else {
 		fp.Attributes[attrPrefix+"systemd_version"] = structs.NewStringAttribute(v)
+		if p := systemdProblem(v); p != "" {
+			problems = append(problems, p)
+		}
 	}
 	machined := d.mgr.MachinedReachable()
 	fp.Attributes[attrPrefix+"machined"] = structs.NewBoolAttribute(machined == nil)
