@@ -42,7 +42,7 @@ func TestArgsAndEnvByteForByte(t *testing.T) {
 // and the machine is killed only after kill_timeout.
 func TestCustomKillSignal(t *testing.T) {
 	const timeout = 3 * time.Second
-	runJob(t, "e2e-killsig", "kill-signal.nomad.hcl", map[string]any{"toplevel": tiny(t)})
+	runJob(t, "e2e-killsig", "machine.nomad.hcl", map[string]any{"toplevel": tiny(t), "type": "service", "kill_signal": "SIGUSR1", "kill_timeout": "3s"})
 	alloc := waitAlloc(t, "e2e-killsig", time.Minute, "running", running)
 	logs := func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out }
 	waitOutput(t, 30*time.Second, "tinyinit: ready", logs)

@@ -130,7 +130,7 @@ func TestServiceJob(t *testing.T) {
 
 // Exec in a guest whose PID 1 is not systemd enters the machine's namespaces.
 func TestExecWithoutSystemd(t *testing.T) {
-	runJob(t, "e2e-exectiny", "exec-host-store.nomad.hcl", map[string]any{"toplevel": tiny(t)})
+	runJob(t, "e2e-exectiny", "machine.nomad.hcl", map[string]any{"toplevel": tiny(t), "type": "service", "store_view": "host"})
 	alloc := waitAlloc(t, "e2e-exectiny", time.Minute, "running", running)
 	waitOutput(t, 30*time.Second, "tinyinit: ready", func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out })
 

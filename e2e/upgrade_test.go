@@ -63,7 +63,9 @@ func TestUpgradeRecoversOlderMachines(t *testing.T) {
 	waitOutput(t, 30*time.Second, "tinyinit: ready", logs)
 	machine := "nomad-" + alloc.ID[:8] + "-t"
 	forwarder := machine + "-console.service"
-	show := func(prop string) string { return strings.TrimSpace(host(t, "systemctl", "show", "-P", prop, forwarder)) }
+	show := func(prop string) string {
+		return strings.TrimSpace(host(t, "systemctl", "show", "-P", prop, forwarder))
+	}
 	must.EqOp(t, "active", show("ActiveState"))
 	must.EqOp(t, "no", show("ProtectSystem"), must.Sprint("the old plugin's forwarder is not sandboxed"))
 	leader := strings.TrimSpace(host(t, "machinectl", "show", "-p", "Leader", "--value", machine))
