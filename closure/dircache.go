@@ -59,5 +59,6 @@ func checkCacheInfo(root *os.Root) error {
 		return err
 	}
 	defer f.Close()
-	return parseCacheInfo(f)
+	_, err = parseCacheInfo(f)
+	return err
 }

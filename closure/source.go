@@ -138,8 +138,49 @@ type narStream struct {
 	file   *hashReader
 	dec    io.ReadCloser
 	body   io.ReadCloser
+	resume *resumingReader
 	source string
 }
+
+func (s *narStream) resumed() int {
+	if s.resume == nil {
+		return 0
+	}
+	return s.resume.resumed
+}
+
+// resumingReader continues a file whose connection dropped from where it broke off, so that a
+// large NAR is not fetched again from its start. Hashes and sizes are checked above it.
+type resumingReader struct {
+	ctx     context.Context
+	src     resumer
+	rel     string
+	rc      io.ReadCloser
+	off     int64
+	resumed int
+}
+
+func (r *resumingReader) Read(p []byte) (int, error) {
+	for {
+		n, err := r.rc.Read(p)
+		r.off += int64(n)
+		if err == nil || errors.Is(err, io.EOF) || r.ctx.Err() != nil || r.resumed == resumeAttempts {
+			return n, err
+		}
+		next, rerr := r.src.OpenFrom(r.ctx, r.rel, r.off)
+		if rerr != nil {
+			return n, err
+		}
+		r.rc.Close()
+		r.rc = next
+		r.resumed++
+		if n > 0 {
+			return n, nil
+		}
+	}
+}
+
+func (r *resumingReader) Close() error { return r.rc.Close() }
 
 // openNAR starts fetching the NAR ni points to. onRead is told about every compressed byte.
 func openNAR(ctx context.Context, src Source, ni *narinfo.NarInfo, onRead func(int)) (*narStream, error) {
@@ -151,6 +192,11 @@ func openNAR(ctx context.Context, src Source, ni *narinfo.NarInfo, onRead func(i
 		return nil, err
 	}
 	s := &narStream{body: body, source: src.String()}
+	if rs, ok := src.(resumer); ok {
+		s.resume = &resumingReader{ctx: ctx, src: rs, rel: ni.URL, rc: body}
+		s.body = s.resume
+		body = s.resume
+	}
 	var fileR io.Reader = bufio.NewReaderSize(body, 256<<10)
 	if ni.FileSize > 0 {
 		fileR = io.LimitReader(fileR, int64(ni.FileSize)+1)

@@ -27,6 +27,7 @@ const (
 	defaultTasksMax     = 16384
 	defaultReadyTimeout = "2m"
 	defaultGCGrace      = "1h"
+	maxSubstitutionJobs = 256
 	// defaultConsoleBacklog bounds the disk a machine's undelivered console may take.
 	defaultConsoleBacklog = "1GiB"
 	maxReadyTimeout       = time.Hour
@@ -35,24 +36,28 @@ const (
 )
 
 var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
-	"enabled":              hclspec.NewDefault(hclspec.NewAttr("enabled", "bool", false), hclspec.NewLiteral("true")),
-	"data_dir":             hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
-	"nspawn_path":          hclspec.NewAttr("nspawn_path", "string", false),
-	"systemd_run_path":     hclspec.NewAttr("systemd_run_path", "string", false),
-	"nsenter_path":         hclspec.NewAttr("nsenter_path", "string", false),
-	"slice":                hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
-	"tasks_max":            hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
-	"allow_host_network":   hclspec.NewDefault(hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral("false")),
-	"store":                hclspec.NewDefault(hclspec.NewAttr("store", "string", false), hclspec.NewLiteral(`"auto"`)),
-	"nix_store_path":       hclspec.NewAttr("nix_store_path", "string", false),
-	"trusted_public_keys":  hclspec.NewAttr("trusted_public_keys", "list(string)", false),
-	"substituters":         hclspec.NewAttr("substituters", "list(string)", false),
-	"trusted_substituters": hclspec.NewAttr("trusted_substituters", "list(string)", false),
-	"allow_unsigned":       hclspec.NewDefault(hclspec.NewAttr("allow_unsigned", "bool", false), hclspec.NewLiteral("false")),
-	"gc_grace":             hclspec.NewDefault(hclspec.NewAttr("gc_grace", "string", false), hclspec.NewLiteral(strconv.Quote(defaultGCGrace))),
-	"address_pool":         hclspec.NewDefault(hclspec.NewAttr("address_pool", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPool))),
-	"address_pool_ipv6":    hclspec.NewDefault(hclspec.NewAttr("address_pool_ipv6", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPoolIPv6))),
-	"console_backlog":      hclspec.NewDefault(hclspec.NewAttr("console_backlog", "string", false), hclspec.NewLiteral(strconv.Quote(defaultConsoleBacklog))),
+	"enabled":               hclspec.NewDefault(hclspec.NewAttr("enabled", "bool", false), hclspec.NewLiteral("true")),
+	"data_dir":              hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
+	"nspawn_path":           hclspec.NewAttr("nspawn_path", "string", false),
+	"systemd_run_path":      hclspec.NewAttr("systemd_run_path", "string", false),
+	"nsenter_path":          hclspec.NewAttr("nsenter_path", "string", false),
+	"slice":                 hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
+	"tasks_max":             hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
+	"allow_host_network":    hclspec.NewDefault(hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral("false")),
+	"store":                 hclspec.NewDefault(hclspec.NewAttr("store", "string", false), hclspec.NewLiteral(`"auto"`)),
+	"nix_store_path":        hclspec.NewAttr("nix_store_path", "string", false),
+	"trusted_public_keys":   hclspec.NewAttr("trusted_public_keys", "list(string)", false),
+	"substituters":          hclspec.NewAttr("substituters", "list(string)", false),
+	"trusted_substituters":  hclspec.NewAttr("trusted_substituters", "list(string)", false),
+	"allow_unsigned":        hclspec.NewDefault(hclspec.NewAttr("allow_unsigned", "bool", false), hclspec.NewLiteral("false")),
+	"netrc_file":            hclspec.NewAttr("netrc_file", "string", false),
+	"bearer_token_files":    hclspec.NewAttr("bearer_token_files", "map(string)", false),
+	"aws_credentials_file":  hclspec.NewAttr("aws_credentials_file", "string", false),
+	"max_substitution_jobs": hclspec.NewDefault(hclspec.NewAttr("max_substitution_jobs", "number", false), hclspec.NewLiteral(strconv.Itoa(closure.DefaultJobs))),
+	"gc_grace":              hclspec.NewDefault(hclspec.NewAttr("gc_grace", "string", false), hclspec.NewLiteral(strconv.Quote(defaultGCGrace))),
+	"address_pool":          hclspec.NewDefault(hclspec.NewAttr("address_pool", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPool))),
+	"address_pool_ipv6":     hclspec.NewDefault(hclspec.NewAttr("address_pool_ipv6", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPoolIPv6))),
+	"console_backlog":       hclspec.NewDefault(hclspec.NewAttr("console_backlog", "string", false), hclspec.NewLiteral(strconv.Quote(defaultConsoleBacklog))),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -92,6 +97,14 @@ type PluginConfig struct {
 	TrustedSubstituters []string `codec:"trusted_substituters"`
 	// AllowUnsigned accepts unsigned paths and export streams.
 	AllowUnsigned bool `codec:"allow_unsigned"`
+	// NetrcFile gives HTTP(S) caches their login and password (Nix's netrc-file format).
+	NetrcFile string `codec:"netrc_file"`
+	// BearerTokenFiles maps a substituter URL to a file holding its bearer token.
+	BearerTokenFiles map[string]string `codec:"bearer_token_files"`
+	// AWSCredentialsFile is a shared credentials file for s3:// caches.
+	AWSCredentialsFile string `codec:"aws_credentials_file"`
+	// MaxSubstitutionJobs bounds the narinfo lookups and NAR transfers of one fetch that run at once.
+	MaxSubstitutionJobs int `codec:"max_substitution_jobs"`
 	// GCGrace is how long the driver's own store keeps a closure no allocation uses.
 	GCGrace string `codec:"gc_grace"`
 
@@ -110,6 +123,7 @@ type PluginConfig struct {
 	pools               pools
 	substituters        []closure.CacheURL
 	trustedSubstituters []closure.CacheURL
+	cacheConfig         closure.CacheConfig
 }
 
 // TaskConfig is the config block of a task.
@@ -169,6 +183,9 @@ func (c *PluginConfig) validate() error {
 	if c.trustedSubstituters, err = closure.ParseCacheURLs("trusted_substituters", c.TrustedSubstituters); err != nil {
 		return err
 	}
+	if c.cacheConfig, err = c.validateCacheAccess(); err != nil {
+		return err
+	}
 	if c.GCGrace == "" {
 		c.GCGrace = defaultGCGrace
 	}
@@ -202,6 +219,63 @@ func (c *PluginConfig) validate() error {
 		}
 	}
 	return nil
+}
+
+// validateCacheAccess checks the credentials files and the transfer bound. Files are read again
+// for each fetch, so a rotated token counts from the next task on. No message holds a secret.
+func (c *PluginConfig) validateCacheAccess() (closure.CacheConfig, error) {
+	if c.MaxSubstitutionJobs == 0 {
+		c.MaxSubstitutionJobs = closure.DefaultJobs
+	}
+	if c.MaxSubstitutionJobs < 1 || c.MaxSubstitutionJobs > maxSubstitutionJobs {
+		return closure.CacheConfig{}, fmt.Errorf("max_substitution_jobs = %d: must be between 1 and %d (narinfo lookups and NAR transfers of one fetch at once)", c.MaxSubstitutionJobs, maxSubstitutionJobs)
+	}
+	cc := closure.CacheConfig{NetrcFile: c.NetrcFile, AWSCredentialsFile: c.AWSCredentialsFile, Connections: c.MaxSubstitutionJobs}
+	if c.NetrcFile != "" {
+		if !filepath.IsAbs(c.NetrcFile) {
+			return cc, fmt.Errorf("netrc_file = %q: must be an absolute path to a netrc file", c.NetrcFile)
+		}
+		if err := closure.CheckNetrc(c.NetrcFile); err != nil {
+			return cc, fmt.Errorf("netrc_file = %q: %w; it takes Nix's netrc-file format: machine HOST login USER password TOKEN", c.NetrcFile, err)
+		}
+	}
+	if c.AWSCredentialsFile != "" {
+		if !filepath.IsAbs(c.AWSCredentialsFile) {
+			return cc, fmt.Errorf("aws_credentials_file = %q: must be an absolute path to an AWS shared credentials file", c.AWSCredentialsFile)
+		}
+		f, err := os.Open(c.AWSCredentialsFile)
+		if err != nil {
+			return cc, fmt.Errorf("aws_credentials_file = %q: %w", c.AWSCredentialsFile, err)
+		}
+		f.Close()
+	}
+	known := map[string]bool{}
+	for _, u := range append(append([]closure.CacheURL(nil), c.substituters...), c.trustedSubstituters...) {
+		known[u.Identity()] = true
+	}
+	for raw, file := range c.BearerTokenFiles {
+		u, err := closure.ParseCacheURL(raw)
+		if err != nil {
+			return cc, fmt.Errorf("bearer_token_files[%q]: %w", raw, err)
+		}
+		if !known[u.Identity()] {
+			return cc, fmt.Errorf("bearer_token_files[%q]: must name a cache of substituters or trusted_substituters", raw)
+		}
+		if !strings.HasPrefix(raw, "http") {
+			return cc, fmt.Errorf("bearer_token_files[%q]: only http:// and https:// caches take a bearer token; s3:// caches use aws_credentials_file", raw)
+		}
+		if !filepath.IsAbs(file) {
+			return cc, fmt.Errorf("bearer_token_files[%q] = %q: must be an absolute path to a file holding the token", raw, file)
+		}
+		if _, err := closure.ReadTokenFile(file); err != nil {
+			return cc, fmt.Errorf("bearer_token_files[%q]: %w", raw, err)
+		}
+		if cc.BearerTokenFiles == nil {
+			cc.BearerTokenFiles = map[string]string{}
+		}
+		cc.BearerTokenFiles[u.Identity()] = file
+	}
+	return cc, nil
 }
 
 // findTool looks in PATH, then where NixOS keeps it. Not finding it is reported by the fingerprint.
