@@ -133,7 +133,7 @@ func ParseCacheURL(raw string) (CacheURL, error) {
 		return CacheURL{}, fmt.Errorf("%q: a binary cache URL must start with one of %s", raw, schemes())
 	}
 	if u.User != nil || u.Fragment != "" {
-		return CacheURL{}, fmt.Errorf("%q must be a binary cache URL without user or fragment; credentials go in the plugin config's netrc_file, bearer_token_files or aws_credentials_file", redact(raw, u))
+		return CacheURL{}, fmt.Errorf("%q must be a binary cache URL without user or fragment; credentials go in the plugin config's netrc_file, bearer_token or aws_credentials_file", redact(raw, u))
 	}
 	q, err := url.ParseQuery(u.RawQuery)
 	if err != nil {

@@ -141,9 +141,9 @@ func (c *HTTPCache) get(ctx context.Context, rel string, offset int64) (io.ReadC
 	case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:
 		resp.Body.Close()
 		if c.auth == nil {
-			return nil, fmt.Errorf("GET %s: %s: the cache wants credentials; give them in the plugin config's netrc_file or bearer_token_files", u.String(), resp.Status)
+			return nil, fmt.Errorf("GET %s: %s: the cache wants credentials; give them in the plugin config's netrc_file or bearer_token", u.String(), resp.Status)
 		}
-		return nil, fmt.Errorf("GET %s: %s: the cache refused the credentials of the plugin config's netrc_file or bearer_token_files", u.String(), resp.Status)
+		return nil, fmt.Errorf("GET %s: %s: the cache refused the credentials of the plugin config's netrc_file or bearer_token", u.String(), resp.Status)
 	}
 	resp.Body.Close()
 	return nil, fmt.Errorf("GET %s: %s", u.String(), resp.Status)

@@ -36,22 +36,25 @@ const (
 )
 
 var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
-	"enabled":               hclspec.NewDefault(hclspec.NewAttr("enabled", "bool", false), hclspec.NewLiteral("true")),
-	"data_dir":              hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
-	"nspawn_path":           hclspec.NewAttr("nspawn_path", "string", false),
-	"systemd_run_path":      hclspec.NewAttr("systemd_run_path", "string", false),
-	"nsenter_path":          hclspec.NewAttr("nsenter_path", "string", false),
-	"slice":                 hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
-	"tasks_max":             hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
-	"allow_host_network":    hclspec.NewDefault(hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral("false")),
-	"store":                 hclspec.NewDefault(hclspec.NewAttr("store", "string", false), hclspec.NewLiteral(`"auto"`)),
-	"nix_store_path":        hclspec.NewAttr("nix_store_path", "string", false),
-	"trusted_public_keys":   hclspec.NewAttr("trusted_public_keys", "list(string)", false),
-	"substituters":          hclspec.NewAttr("substituters", "list(string)", false),
-	"trusted_substituters":  hclspec.NewAttr("trusted_substituters", "list(string)", false),
-	"allow_unsigned":        hclspec.NewDefault(hclspec.NewAttr("allow_unsigned", "bool", false), hclspec.NewLiteral("false")),
-	"netrc_file":            hclspec.NewAttr("netrc_file", "string", false),
-	"bearer_token_files":    hclspec.NewAttr("bearer_token_files", "map(string)", false),
+	"enabled":              hclspec.NewDefault(hclspec.NewAttr("enabled", "bool", false), hclspec.NewLiteral("true")),
+	"data_dir":             hclspec.NewDefault(hclspec.NewAttr("data_dir", "string", false), hclspec.NewLiteral(strconv.Quote(defaultDataDir))),
+	"nspawn_path":          hclspec.NewAttr("nspawn_path", "string", false),
+	"systemd_run_path":     hclspec.NewAttr("systemd_run_path", "string", false),
+	"nsenter_path":         hclspec.NewAttr("nsenter_path", "string", false),
+	"slice":                hclspec.NewDefault(hclspec.NewAttr("slice", "string", false), hclspec.NewLiteral(strconv.Quote(defaultSlice))),
+	"tasks_max":            hclspec.NewDefault(hclspec.NewAttr("tasks_max", "number", false), hclspec.NewLiteral(strconv.Itoa(defaultTasksMax))),
+	"allow_host_network":   hclspec.NewDefault(hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral("false")),
+	"store":                hclspec.NewDefault(hclspec.NewAttr("store", "string", false), hclspec.NewLiteral(`"auto"`)),
+	"nix_store_path":       hclspec.NewAttr("nix_store_path", "string", false),
+	"trusted_public_keys":  hclspec.NewAttr("trusted_public_keys", "list(string)", false),
+	"substituters":         hclspec.NewAttr("substituters", "list(string)", false),
+	"trusted_substituters": hclspec.NewAttr("trusted_substituters", "list(string)", false),
+	"allow_unsigned":       hclspec.NewDefault(hclspec.NewAttr("allow_unsigned", "bool", false), hclspec.NewLiteral("false")),
+	"netrc_file":           hclspec.NewAttr("netrc_file", "string", false),
+	"bearer_token": hclspec.NewBlockList("bearer_token", hclspec.NewObject(map[string]*hclspec.Spec{
+		"cache": hclspec.NewAttr("cache", "string", true),
+		"file":  hclspec.NewAttr("file", "string", true),
+	})),
 	"aws_credentials_file":  hclspec.NewAttr("aws_credentials_file", "string", false),
 	"max_substitution_jobs": hclspec.NewDefault(hclspec.NewAttr("max_substitution_jobs", "number", false), hclspec.NewLiteral(strconv.Itoa(closure.DefaultJobs))),
 	"gc_grace":              hclspec.NewDefault(hclspec.NewAttr("gc_grace", "string", false), hclspec.NewLiteral(strconv.Quote(defaultGCGrace))),
@@ -99,8 +102,8 @@ type PluginConfig struct {
 	AllowUnsigned bool `codec:"allow_unsigned"`
 	// NetrcFile gives HTTP(S) caches their login and password (Nix's netrc-file format).
 	NetrcFile string `codec:"netrc_file"`
-	// BearerTokenFiles maps a substituter URL to a file holding its bearer token.
-	BearerTokenFiles map[string]string `codec:"bearer_token_files"`
+	// BearerTokens give caches a token (Authorization: Bearer) from a file.
+	BearerTokens []BearerToken `codec:"bearer_token"`
 	// AWSCredentialsFile is a shared credentials file for s3:// caches.
 	AWSCredentialsFile string `codec:"aws_credentials_file"`
 	// MaxSubstitutionJobs bounds the narinfo lookups and NAR transfers of one fetch that run at once.
@@ -124,6 +127,12 @@ type PluginConfig struct {
 	substituters        []closure.CacheURL
 	trustedSubstituters []closure.CacheURL
 	cacheConfig         closure.CacheConfig
+}
+
+// BearerToken is a bearer_token block: the file holding the token of one cache.
+type BearerToken struct {
+	Cache string `codec:"cache"`
+	File  string `codec:"file"`
 }
 
 // TaskConfig is the config block of a task.
@@ -253,27 +262,31 @@ func (c *PluginConfig) validateCacheAccess() (closure.CacheConfig, error) {
 	for _, u := range append(append([]closure.CacheURL(nil), c.substituters...), c.trustedSubstituters...) {
 		known[u.Identity()] = true
 	}
-	for raw, file := range c.BearerTokenFiles {
-		u, err := closure.ParseCacheURL(raw)
+	for i, bt := range c.BearerTokens {
+		field := fmt.Sprintf("bearer_token[%d]", i)
+		u, err := closure.ParseCacheURL(bt.Cache)
 		if err != nil {
-			return cc, fmt.Errorf("bearer_token_files[%q]: %w", raw, err)
+			return cc, fmt.Errorf("%s.cache = %w", field, err)
 		}
 		if !known[u.Identity()] {
-			return cc, fmt.Errorf("bearer_token_files[%q]: must name a cache of substituters or trusted_substituters", raw)
+			return cc, fmt.Errorf("%s.cache = %q: must name a cache of substituters or trusted_substituters", field, bt.Cache)
 		}
-		if !strings.HasPrefix(raw, "http") {
-			return cc, fmt.Errorf("bearer_token_files[%q]: only http:// and https:// caches take a bearer token; s3:// caches use aws_credentials_file", raw)
+		if !strings.HasPrefix(bt.Cache, "http") {
+			return cc, fmt.Errorf("%s.cache = %q: only http:// and https:// caches take a bearer token; s3:// caches use aws_credentials_file", field, bt.Cache)
 		}
-		if !filepath.IsAbs(file) {
-			return cc, fmt.Errorf("bearer_token_files[%q] = %q: must be an absolute path to a file holding the token", raw, file)
+		if _, dup := cc.BearerTokenFiles[u.Identity()]; dup {
+			return cc, fmt.Errorf("%s.cache = %q: the cache has a bearer_token block already", field, bt.Cache)
 		}
-		if _, err := closure.ReadTokenFile(file); err != nil {
-			return cc, fmt.Errorf("bearer_token_files[%q]: %w", raw, err)
+		if !filepath.IsAbs(bt.File) {
+			return cc, fmt.Errorf("%s.file = %q: must be an absolute path to a file holding the token", field, bt.File)
+		}
+		if _, err := closure.ReadTokenFile(bt.File); err != nil {
+			return cc, fmt.Errorf("%s.file = %q: %w", field, bt.File, err)
 		}
 		if cc.BearerTokenFiles == nil {
 			cc.BearerTokenFiles = map[string]string{}
 		}
-		cc.BearerTokenFiles[u.Identity()] = file
+		cc.BearerTokenFiles[u.Identity()] = bt.File
 	}
 	return cc, nil
 }
