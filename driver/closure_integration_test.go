@@ -203,7 +203,7 @@ func TestClosureDeliveryToOwnStore(t *testing.T) {
 		{
 			name: "S3 binary cache of the task, after a cache that is down",
 			plugin: func(pc *PluginConfig) {
-				pc.TrustedSubstituters = []string{"http://127.0.0.1:9/down?priority=1", s3URL}
+				pc.TrustedSubstituters = []string{"http://127.0.0.1:9/down?priority=1", s3URL + "&priority=40"}
 				pc.AWSCredentialsFile = s3Creds
 			},
 			task:   func(tc *TaskConfig) { tc.Substituters = []string{"http://127.0.0.1:9/down", s3URL} },
