@@ -75,8 +75,14 @@ func (c CacheURL) Identity() string {
 	for _, p := range nixParams {
 		q.Del(p)
 	}
-	u.RawQuery = q.Encode()
+	u.RawQuery = encodeQuery(q)
 	return u.String()
+}
+
+// encodeQuery writes parameters sorted by name, keeping ':' (allowed in a query) as it is, so
+// that endpoint=host:port reads as written.
+func encodeQuery(q url.Values) string {
+	return strings.ReplaceAll(q.Encode(), "%3A", ":")
 }
 
 // Params are the URL's Nix parameters.
@@ -167,7 +173,7 @@ func ParseCacheURL(raw string) (CacheURL, error) {
 			}
 		}
 	}
-	u.RawQuery = q.Encode()
+	u.RawQuery = encodeQuery(q)
 	if err := o.parse(u); err != nil {
 		return CacheURL{}, fmt.Errorf("%q %w", raw, err)
 	}

@@ -26,8 +26,8 @@ func TestParseCacheURL(t *testing.T) {
 	must.NoError(t, err)
 	must.Eq(t, CacheParams{Priority: 30, HasPriority: true, Trusted: true, WantMassQuery: true}, u.Params())
 	// Parameters in a fixed order: two spellings of one cache compare equal.
-	must.Eq(t, "s3://nix-cache?endpoint=minio.local%3A9000&priority=30&region=eu-west-1&scheme=http&trusted=1&want-mass-query=true", u.String())
-	must.Eq(t, "s3://nix-cache?endpoint=minio.local%3A9000&region=eu-west-1&scheme=http", u.Identity())
+	must.Eq(t, "s3://nix-cache?endpoint=minio.local:9000&priority=30&region=eu-west-1&scheme=http&trusted=1&want-mass-query=true", u.String())
+	must.Eq(t, "s3://nix-cache?endpoint=minio.local:9000&region=eu-west-1&scheme=http", u.Identity())
 
 	for raw, want := range map[string]string{
 		"cache.example.org":                 "must start with one of http://, https://, s3://",
@@ -69,7 +69,7 @@ func TestOpenCacheByScheme(t *testing.T) {
 	for raw, name := range map[string]string{
 		"http://127.0.0.1:1/cache":                             "http://127.0.0.1:1/cache",
 		"https://cache.example.org?priority=10":                "https://cache.example.org?priority=10",
-		"s3://bucket?endpoint=127.0.0.1:1&scheme=http":         "s3://bucket?endpoint=127.0.0.1%3A1&scheme=http",
+		"s3://bucket?endpoint=127.0.0.1:1&scheme=http":         "s3://bucket?endpoint=127.0.0.1:1&scheme=http",
 		"s3://bucket?region=eu-central-1&trusted=1&priority=5": "s3://bucket?region=eu-central-1",
 	} {
 		u, err := ParseCacheURL(raw)

@@ -146,7 +146,7 @@ func (c *S3Cache) get(ctx context.Context, key string, offset int64) (io.ReadClo
 		if errors.As(err, &nsk) || (errors.As(err, &re) && re.HTTPStatusCode() == http.StatusNotFound) {
 			return nil, ErrNotFound
 		}
-		return nil, fmt.Errorf("%s: GET %s: %w", c.name, key, err)
+		return nil, fmt.Errorf("GET %s: %w", key, err)
 	}
 	if offset > 0 && (out.ContentRange == nil || !strings.HasPrefix(*out.ContentRange, "bytes "+strconv.FormatInt(offset, 10)+"-")) {
 		out.Body.Close()

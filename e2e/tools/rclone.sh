@@ -19,9 +19,10 @@ BIN=$OUT_DIR/rclone-$RCLONE_VERSION
 log() { echo "rclone-build: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# A build from the module (not a release) calls itself vX.Y.Z-DEV.
 is_built() {
 	local out
-	[[ -x $BIN ]] && out=$("$BIN" version 2>/dev/null) && [[ ${out%%$'\n'*} == "rclone $RCLONE_VERSION" ]]
+	[[ -x $BIN ]] && out=$("$BIN" version 2>/dev/null) && [[ ${out%%$'\n'*} == "rclone $RCLONE_VERSION"* ]]
 }
 
 if is_built; then
