@@ -15,8 +15,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"github.com/klauspost/compress/zstd"
 )
 
 // HTTPCache is a binary cache served over HTTP(S) in the standard layout (cache.nixos.org's,
@@ -162,7 +160,7 @@ func decodeBody(resp *http.Response, u string) (io.ReadCloser, error) {
 		}
 		return readCloser{zr, func() error { zr.Close(); return resp.Body.Close() }}, nil
 	case "zstd":
-		zr, err := zstd.NewReader(resp.Body)
+		zr, err := newZstdReader(resp.Body)
 		if err != nil {
 			resp.Body.Close()
 			return nil, fmt.Errorf("GET %s: zstd content encoding: %w", u, err)

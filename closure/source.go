@@ -15,6 +15,7 @@ import (
 	"io"
 	"path"
 	"strings"
+	"sync"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/nix-community/go-nix/pkg/narinfo"
@@ -94,15 +95,38 @@ func decompressor(compression string, r io.Reader) (io.ReadCloser, error) {
 		}
 		return io.NopCloser(xr), nil
 	case "zstd":
-		zr, err := zstd.NewReader(r)
-		if err != nil {
-			return nil, err
-		}
-		return zr.IOReadCloser(), nil
+		return newZstdReader(r)
 	case "bzip2":
 		return io.NopCloser(bzip2.NewReader(r)), nil
 	}
 	return nil, fmt.Errorf("compression %q is not supported", compression)
+}
+
+// zstdDecoders keeps decoders for reuse: a new one allocates its buffers, which for a closure of
+// many small paths costs more than the decoding.
+var zstdDecoders sync.Pool
+
+// newZstdReader decodes r in the reading goroutine; Close gives the decoder back.
+func newZstdReader(r io.Reader) (io.ReadCloser, error) {
+	d, _ := zstdDecoders.Get().(*zstd.Decoder)
+	if d == nil {
+		var err error
+		if d, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1)); err != nil {
+			return nil, err
+		}
+	}
+	if err := d.Reset(r); err != nil {
+		d.Close()
+		return nil, err
+	}
+	var once sync.Once
+	return readCloser{d, func() error {
+		once.Do(func() {
+			_ = d.Reset(nil)
+			zstdDecoders.Put(d)
+		})
+		return nil
+	}}, nil
 }
 
 // hashReader hashes and counts what is read through it.
@@ -197,7 +221,12 @@ func openNAR(ctx context.Context, src Source, ni *narinfo.NarInfo, onRead func(i
 		s.body = s.resume
 		body = s.resume
 	}
-	var fileR io.Reader = bufio.NewReaderSize(body, 256<<10)
+	// A small NAR (most paths of a closure) needs no large read buffer.
+	bufSize := 256 << 10
+	if ni.FileSize > 0 && ni.FileSize < uint64(bufSize) {
+		bufSize = max(int(ni.FileSize)+1, 4096)
+	}
+	var fileR io.Reader = bufio.NewReaderSize(body, bufSize)
 	if ni.FileSize > 0 {
 		fileR = io.LimitReader(fileR, int64(ni.FileSize)+1)
 	}
