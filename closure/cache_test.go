@@ -195,6 +195,12 @@ func TestRankCaches(t *testing.T) {
 	must.Eq(t, []string{"binary cache down skipped: connection refused"}, events)
 	must.StrContains(t, downCaches(ranked), "down could not be used: connection refused")
 
+	// A cache not opened from a URL, a task's directory, comes first whatever the others say.
+	dir := &DirCache{name: "binary_cache local/closure"}
+	ranked, err = rankCaches(context.Background(), []Source{caches[2], dir}, 2, nil)
+	must.NoError(t, err)
+	must.Eq(t, dir, ranked[0].src.(*DirCache))
+
 	_, err = rankCaches(context.Background(), []Source{&fakeSource{name: "guix", files: map[string]string{"nix-cache-info": "StoreDir: /gnu/store\n"}}}, 1, nil)
 	must.ErrorContains(t, err, `guix: nix-cache-info: the cache is for store "/gnu/store"`)
 }

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"sort"
 	"strings"
 	"sync"
@@ -42,9 +43,10 @@ func (c *rankedCache) markDown(err error, event func(string)) {
 	}
 }
 
-// rankCaches reads every cache's nix-cache-info at once and orders the caches as Nix orders
+// rankCaches reads every URL cache's nix-cache-info at once and orders the caches as Nix orders
 // substituters: by priority, lowest first, the URL's priority= before nix-cache-info's Priority,
-// 0 without either; equals keep the order given. A cache that cannot be reached is marked down
+// 0 without either; equals keep the order given. Caches not opened from a URL (a task's
+// directory) come first. A cache that cannot be reached is marked down
 // (and the event says so) rather than failing the import: another may have the paths. A cache
 // for another store directory fails it.
 func rankCaches(ctx context.Context, caches []Source, jobs int, event func(string)) ([]*rankedCache, error) {
@@ -55,10 +57,13 @@ func rankCaches(ctx context.Context, caches []Source, jobs int, event func(strin
 	for i, src := range caches {
 		rc := &rankedCache{src: src}
 		ranked[i] = rc
-		var params CacheParams
-		if p, ok := src.(parameterized); ok {
-			params = p.params()
+		p, fromURL := src.(parameterized)
+		if !fromURL {
+			// A task's binary_cache artifact is on disk already: it is asked first.
+			rc.priority = math.MinInt
+			continue
 		}
+		params := p.params()
 		rc.trusted = params.Trusted
 		wg.Add(1)
 		sem <- struct{}{}
