@@ -69,7 +69,7 @@ type Request struct {
 	Export *os.File
 	// Root names the GC root that keeps the closure while it is in use.
 	Root string
-	// Progress, if set, is told how the fetch goes, from several goroutines.
+	// Progress, if set, is told how the fetch goes, one call at a time.
 	Progress func(Progress)
 	// Event, if set, is told what the operator should know of, such as a cache that is down and
 	// skipped; from several goroutines.
@@ -367,14 +367,19 @@ func (im *Importer) fetch(ctx context.Context, req Request, want map[string]*can
 	var mu sync.Mutex
 	signers := map[string]bool{}
 	unsignedFrom := map[string]bool{}
+	// Reports are made one at a time, so the last one has the totals.
+	var reportMu sync.Mutex
 	report := func() {
-		if req.Progress != nil {
-			mu.Lock()
-			prog.Bytes = bytesDone.Load()
-			p := prog
-			mu.Unlock()
-			req.Progress(p)
+		if req.Progress == nil {
+			return
 		}
+		reportMu.Lock()
+		defer reportMu.Unlock()
+		mu.Lock()
+		prog.Bytes = bytesDone.Load()
+		p := prog
+		mu.Unlock()
+		req.Progress(p)
 	}
 	onRead := func(n int) {
 		if after := bytesDone.Add(uint64(n)); after/progressStep != (after-uint64(n))/progressStep {
