@@ -111,6 +111,7 @@ type opener struct {
 
 // openers are the cache kinds by URL scheme.
 var openers = map[string]opener{
+	"file":  {parse: checkFileURL, open: openFileCache},
 	"http":  {parse: checkHTTPURL, open: openHTTPCache},
 	"https": {parse: checkHTTPURL, open: openHTTPCache},
 	"s3":    {parse: checkS3URL, params: s3Params, open: openS3Cache},

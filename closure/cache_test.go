@@ -30,8 +30,8 @@ func TestParseCacheURL(t *testing.T) {
 	must.Eq(t, "s3://nix-cache?endpoint=minio.local:9000&region=eu-west-1&scheme=http", u.Identity())
 
 	for raw, want := range map[string]string{
-		"cache.example.org":                 "must start with one of http://, https://, s3://",
-		"ftp://bucket":                      "must start with one of http://, https://, s3://",
+		"cache.example.org":                 "must start with one of file://, http://, https://, s3://",
+		"ftp://bucket":                      "must start with one of file://, http://, https://, s3://",
 		"https://a@cache":                   "without user or fragment",
 		"https://c#x":                       "without user or fragment",
 		"https://c?x=1":                     `unknown parameter "x"; a https:// cache takes priority, want-mass-query, trusted`,
@@ -42,6 +42,9 @@ func TestParseCacheURL(t *testing.T) {
 		"https:///no-host":                  "has no host",
 		"http://[::1":                       "is not a URL",
 		"s3://?region=eu-west-1":            "has no bucket",
+		"file://cache.example.org/srv":      `names host "cache.example.org"`,
+		"file:///srv/../etc":                "must name an absolute, clean directory path",
+		"file://?priority=1":                "must name an absolute, clean directory path",
 		"s3://bucket/prefix":                `has a path "/prefix"`,
 		"s3://bucket?scheme=ftp":            `scheme="ftp" must be http or https`,
 		"s3://bucket?endpoint=ftp://x":      `endpoint="ftp://x" must be a host[:port] or an http(s) URL`,
@@ -85,6 +88,22 @@ func TestOpenCacheByScheme(t *testing.T) {
 	}
 	_, err := OpenCache(CacheURL{}, CacheConfig{})
 	must.Error(t, err)
+
+	// A directory: read where it is, not retried, ranked by its parameters.
+	dir := t.TempDir()
+	must.NoError(t, os.WriteFile(filepath.Join(dir, "nix-cache-info"), []byte("StoreDir: /nix/store\n"), 0o644))
+	u, err := ParseCacheURL("file://" + dir + "/?priority=5")
+	must.NoError(t, err)
+	c, err := OpenCache(u, CacheConfig{})
+	must.NoError(t, err)
+	must.Eq(t, "file://"+dir, c.String())
+	must.False(t, c.Retryable())
+	must.Eq(t, CacheParams{Priority: 5, HasPriority: true}, c.(parameterized).params())
+	must.NoError(t, c.Close())
+	u, err = ParseCacheURL("file://" + dir + "/missing")
+	must.NoError(t, err)
+	_, err = OpenCache(u, CacheConfig{})
+	must.ErrorContains(t, err, "file://"+dir+"/missing: ")
 }
 
 func TestOpenCacheCredentialErrorsHoldNoSecret(t *testing.T) {

@@ -405,6 +405,16 @@ func TestImportCachePriorities(t *testing.T) {
 	must.Len(t, 1, teamSrv.asked("/nar/"))
 	must.Len(t, 1, officialSrv.asked("/nar/"))
 
+	t.Run("a file:// cache after an HTTP one", func(t *testing.T) {
+		before := len(teamSrv.asked(".narinfo"))
+		res, err := NewImporter(ownStore(t), fixturePolicy(t)).Import(context.Background(), Request{
+			Toplevel: tiny, Caches: []Source{openURL(t, "file://"+filepath.Join(closures(t), "tiny-xz")+"?priority=20"), openURL(t, teamSrv.URL+"?priority=10")},
+		})
+		must.NoError(t, err)
+		must.Eq(t, reqs, res.Requisites)
+		// team, ranked first, was asked for both paths and had one.
+		must.Len(t, before+2, teamSrv.asked(".narinfo"))
+	})
 	t.Run("no cache that answers has the path", func(t *testing.T) {
 		_, err := NewImporter(ownStore(t), fixturePolicy(t)).Import(context.Background(), Request{
 			Toplevel: tiny, Caches: []Source{openURL(t, teamSrv.URL), openURL(t, down)},

@@ -281,7 +281,7 @@ func TestTaskConfigOptions_Errors(t *testing.T) {
 		{"binary_cache escaping", func(c *TaskConfig) { c.BinaryCache = "local/../../x" }, "binary_cache", `"local/../../x"`},
 		{"export escaping", func(c *TaskConfig) { c.Export = "../closure" }, "export", `"../closure"`},
 		{"binary_cache and export", func(c *TaskConfig) { c.BinaryCache, c.Export = "local/c", "local/e" }, "binary_cache", `"local/c"`},
-		{"substituter not http", func(c *TaskConfig) { c.Substituters = []string{"file:///srv/cache"} }, "substituters[0]", `"file:///srv/cache"`},
+		{"substituter of no known kind", func(c *TaskConfig) { c.Substituters = []string{"ftp://srv/cache"} }, "substituters[0]", `"ftp://srv/cache"`},
 		{"substituter with user", func(c *TaskConfig) { c.Substituters = []string{"https://a:b@cache"} }, "substituters[0]", `"https://a:xxxxx@cache" must be a binary cache URL without user`},
 		{"store_view all", func(c *TaskConfig) { c.StoreView = "all" }, "store_view", `"all"`},
 		{"empty port label", func(c *TaskConfig) { c.Ports = []string{"http", ""} }, "ports[1]", `""`},
