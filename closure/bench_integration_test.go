@@ -7,8 +7,6 @@ package closure
 
 import (
 	"context"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,9 +16,9 @@ import (
 )
 
 // BenchmarkImport compares, in one run, importing a closure into the driver's own store from a
-// binary cache directory, a loopback HTTP server and a loopback S3 server (rclone serve s3) with
-// `nix copy --from` of the same cache (directory and HTTP: Debian's Nix has no S3 support) into a
-// fresh Nix store on the same disk. Closures: the systemd fixture (a Debian /usr of about 110 MiB
+// binary cache directory, a loopback HTTP server (rclone serve http) and a loopback S3 server
+// (rclone serve s3) with `nix copy --from` of the same cache (directory and HTTP: Debian's Nix has
+// no S3 support) into a fresh Nix store on the same disk. Closures: the systemd fixture (a Debian /usr of about 110 MiB
 // of NARs in 3 paths, zstd) and the wide fixture (1,002 small paths, zstd).
 func BenchmarkImport(b *testing.B) {
 	sysd, wide, dir := os.Getenv("NIXOS_NSPAWN_SYSTEMD_TOPLEVEL"), os.Getenv("NIXOS_NSPAWN_WIDE_TOPLEVEL"), os.Getenv("NIXOS_NSPAWN_CLOSURES")
@@ -45,8 +43,9 @@ func benchImport(b *testing.B, s3srv *s3Server, top, cache string) {
 		}
 		narBytes += n
 	}
-	srv := httptest.NewServer(http.FileServer(http.Dir(cache)))
-	b.Cleanup(srv.Close)
+	// A static file server in a process of its own, as in production (not sharing this one's CPUs
+	// and garbage collector).
+	httpURL := "http://" + rclone(b, "serve", "http", cache)
 	bucket := strings.ToLower(strings.NewReplacer("_", "-", "/", "-").Replace(filepath.Base(cache)))
 	s3srv.upload(b, bucket, cache)
 
@@ -79,7 +78,7 @@ func benchImport(b *testing.B, s3srv *s3Server, top, cache string) {
 	b.Run("driver-dir", func(b *testing.B) {
 		driver(b, func() (Source, error) { return openDirCache(cache) })
 	})
-	b.Run("driver-http", func(b *testing.B) { driver(b, byURL(srv.URL, CacheConfig{Connections: DefaultJobs})) })
+	b.Run("driver-http", func(b *testing.B) { driver(b, byURL(httpURL, CacheConfig{Connections: DefaultJobs})) })
 	b.Run("driver-s3", func(b *testing.B) {
 		driver(b, byURL(s3srv.url(bucket), CacheConfig{AWSCredentialsFile: s3srv.credentialsFile, Connections: DefaultJobs}))
 	})
@@ -94,7 +93,7 @@ func benchImport(b *testing.B, s3srv *s3Server, top, cache string) {
 		}
 	}
 	b.Run("nix-copy-dir", func(b *testing.B) { nixCopy(b, "file://"+cache) })
-	b.Run("nix-copy-http", func(b *testing.B) { nixCopy(b, srv.URL) })
+	b.Run("nix-copy-http", func(b *testing.B) { nixCopy(b, httpURL) })
 }
 
 func mustOutput(b *testing.B, name string, args ...string) []byte {

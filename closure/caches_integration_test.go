@@ -40,38 +40,28 @@ type s3Server struct {
 	uploadedFileCount int
 }
 
-// startS3 runs the rclone that e2e/tools/rclone.sh built (NIXOS_NSPAWN_RCLONE) until the test ends.
-func startS3(t testing.TB) *s3Server {
+// rclone runs the rclone that e2e/tools/rclone.sh built (NIXOS_NSPAWN_RCLONE) with args and
+// --addr on a free loopback port until the test ends, and returns the address.
+func rclone(t testing.TB, args ...string) string {
 	bin := os.Getenv("NIXOS_NSPAWN_RCLONE")
 	if bin == "" {
 		t.Fatal("NIXOS_NSPAWN_RCLONE is not set: it names the rclone that e2e/tools/rclone.sh builds; run through `make test`")
 	}
-	// Keep the AWS SDK to this test's credentials file: no environment keys, no instance metadata.
-	for _, k := range []string{"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"} {
-		t.Setenv(k, "")
-	}
-	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
-	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "no-config"))
-	dir := t.TempDir()
-	srv := &s3Server{keyID: "NXCLTESTKEY", secret: "nxcl-s3-secret-5d2e81"}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	must.NoError(t, err)
 	addr := l.Addr().String()
 	l.Close()
-	empty := filepath.Join(dir, "rclone.conf")
+	empty := filepath.Join(t.TempDir(), "rclone.conf")
 	must.NoError(t, os.WriteFile(empty, nil, 0o600))
-	root := filepath.Join(dir, "buckets")
-	must.NoError(t, os.Mkdir(root, 0o755))
 	var logs bytes.Buffer
-	cmd := exec.Command(bin, "serve", "s3", "--config", empty, "--addr", addr,
-		"--auth-key", srv.keyID+","+srv.secret, root)
+	cmd := exec.Command(bin, append([]string{"--config", empty, "--addr", addr}, args...)...)
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	must.NoError(t, cmd.Start())
 	t.Cleanup(func() {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 		if t.Failed() {
-			t.Logf("rclone serve s3:\n%s", logs.String())
+			t.Logf("rclone %v:\n%s", args, logs.String())
 		}
 	})
 	deadline := time.Now().Add(30 * time.Second)
@@ -79,16 +69,29 @@ func startS3(t testing.TB) *s3Server {
 		c, err := net.Dial("tcp", addr)
 		if err == nil {
 			c.Close()
-			break
+			return addr
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("rclone serve s3 did not listen on %s: %s", addr, logs.String())
+			t.Fatalf("rclone %v did not listen on %s: %s", args, addr, logs.String())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	srv.endpoint = addr
+}
+
+// startS3 runs rclone's `serve s3`, serving buckets from a fresh directory.
+func startS3(t testing.TB) *s3Server {
+	// Keep the AWS SDK to this test's credentials file: no environment keys, no instance metadata.
+	for _, k := range []string{"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"} {
+		t.Setenv(k, "")
+	}
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "no-config"))
+	srv := &s3Server{keyID: "NXCLTESTKEY", secret: "nxcl-s3-secret-5d2e81"}
+	root := filepath.Join(t.TempDir(), "buckets")
+	must.NoError(t, os.Mkdir(root, 0o755))
+	srv.endpoint = rclone(t, "serve", "s3", "--auth-key", srv.keyID+","+srv.secret, root)
 	// A non-default profile, so the URL's profile= is what picks it.
-	srv.credentialsFile = filepath.Join(dir, "credentials")
+	srv.credentialsFile = filepath.Join(t.TempDir(), "credentials")
 	must.NoError(t, os.WriteFile(srv.credentialsFile, []byte(fmt.Sprintf("[default]\naws_access_key_id = WRONG\naws_secret_access_key = wrong\n\n[nxcl]\naws_access_key_id = %s\naws_secret_access_key = %s\n", srv.keyID, srv.secret)), 0o600))
 	return srv
 }
