@@ -170,14 +170,20 @@ func TestImportS3Cache(t *testing.T) {
 	t.Run("boots from the bucket", func(t *testing.T) {
 		s := ownStore(t)
 		var ev events
+		cache := openURLWith(t, srv.url("tiny"), cfg)
 		res, err := NewImporter(s, fixturePolicy(t)).Import(context.Background(), Request{
-			Toplevel: tiny, Caches: []Source{openURLWith(t, srv.url("tiny"), cfg)}, Root: "a", Event: ev.add,
+			Toplevel: tiny, Caches: []Source{cache}, Root: "a", Event: ev.add,
 		})
 		must.NoError(t, err)
 		must.Eq(t, requisites(t, tiny), res.Requisites)
 		must.Eq(t, []string{"nomad-driver-nixos-fixture-1"}, res.SignedBy)
 		must.SliceEmpty(t, ev.all())
 		must.NoError(t, CheckToplevel(s.Dir(), tiny))
+		// Close can end the connections: it holds the transport the SDK built.
+		s3c := cache.(*S3Cache)
+		s3c.mu.Lock()
+		must.NotNil(t, s3c.transport)
+		s3c.mu.Unlock()
 	})
 
 	t.Run("wrong secret: the error names the cache and the status, not the secret", func(t *testing.T) {

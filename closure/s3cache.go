@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
@@ -36,6 +37,10 @@ type S3Cache struct {
 	bucket string
 	client *s3.Client
 	param  CacheParams
+
+	mu sync.Mutex
+	// transport is the HTTP transport the SDK built, once it built one.
+	transport *http.Transport
 }
 
 func checkS3URL(u *url.URL) error {
@@ -81,11 +86,16 @@ func openS3Cache(c CacheURL, cfg CacheConfig) (Source, error) {
 	if region == "" {
 		region = s3DefaultRegion
 	}
+	cache := &S3Cache{name: c.Identity(), bucket: c.u.Host, param: c.params}
+	// The SDK's own client, so that AWS_CA_BUNDLE still applies; Close ends its idle connections.
 	httpClient := awshttp.NewBuildableClient().WithTransportOptions(func(t *http.Transport) {
 		if cfg.Connections > 0 {
 			t.MaxIdleConnsPerHost = cfg.Connections
 			t.MaxConnsPerHost = cfg.Connections
 		}
+		cache.mu.Lock()
+		cache.transport = t
+		cache.mu.Unlock()
 	})
 	opts := []func(*config.LoadOptions) error{config.WithRegion(region), config.WithHTTPClient(httpClient)}
 	if p := q.Get("profile"); p != "" {
@@ -106,7 +116,7 @@ func openS3Cache(c CacheURL, cfg CacheConfig) (Source, error) {
 			return nil, err
 		}
 	}
-	client := s3.NewFromConfig(awsCfg, func(o *s3.Options) {
+	cache.client = s3.NewFromConfig(awsCfg, func(o *s3.Options) {
 		if endpoint != "" {
 			o.BaseEndpoint = aws.String(endpoint)
 			o.UsePathStyle = true
@@ -115,7 +125,7 @@ func openS3Cache(c CacheURL, cfg CacheConfig) (Source, error) {
 		o.ResponseChecksumValidation = aws.ResponseChecksumValidationWhenRequired
 		o.DisableLogOutputChecksumValidationSkipped = true
 	})
-	return &S3Cache{name: c.Identity(), bucket: c.u.Host, client: client, param: c.params}, nil
+	return cache, nil
 }
 
 func (c *S3Cache) String() string { return c.name }
@@ -124,7 +134,15 @@ func (c *S3Cache) Retryable() bool { return true }
 
 func (c *S3Cache) params() CacheParams { return c.param }
 
-func (c *S3Cache) Close() error { return nil }
+// Close ends the cache's idle connections.
+func (c *S3Cache) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.transport != nil {
+		c.transport.CloseIdleConnections()
+	}
+	return nil
+}
 
 func (c *S3Cache) Open(ctx context.Context, rel string) (io.ReadCloser, error) {
 	return c.get(ctx, rel, 0)
