@@ -8,8 +8,11 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 FIXTURES_ENV := $(or $(NIXOS_NSPAWN_CACHE),/var/cache/nomad-driver-nixos)/fixtures.env
 # Packages that hold test binaries run inside the systemd test host.
 INTEGRATION_PKGS := closure driver
+# rclone's `serve s3`, the S3 server of the closure tests, built once (e2e/tools/rclone.sh) and
+# copied where the test host sees it.
+RCLONE := $(BUILD)/rclone
 
-.PHONY: all build helper lint unit testhost-ready integration nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
+.PHONY: all build helper rclone lint unit testhost-ready integration nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
 
 all: build
 
@@ -37,15 +40,18 @@ unit:
 	$(GO) test -count=1 ./...
 
 # Everything that needs systemd, machined and nspawn runs inside a booted systemd test host.
-testhost-ready: build
+testhost-ready: build rclone
 	$(TESTHOST) up
 	e2e/fixtures/build.sh
 	@for p in $(INTEGRATION_PKGS); do \
 		CGO_ENABLED=0 $(GO) test -c -tags integration -o $(BUILD)/$$p.integration.test ./$$p || exit 1; \
 	done
 
+rclone:
+	@mkdir -p $(BUILD); src=$$(e2e/tools/rclone.sh) && cmp -s "$$src" $(RCLONE) || install -m 0755 "$$src" $(RCLONE)
+
 integration: testhost-ready
-	@set -a; . $(FIXTURES_ENV); set +a; \
+	@set -a; . $(FIXTURES_ENV); set +a; export NIXOS_NSPAWN_RCLONE=$(CURDIR)/$(RCLONE); \
 	for p in $(INTEGRATION_PKGS); do \
 		echo "== integration tests of $$p (in the systemd test host)"; \
 		(cd $$p && $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/$$p.integration.test -test.v -test.count=1 -test.timeout=30m) || exit 1; \
@@ -56,7 +62,7 @@ integration: testhost-ready
 e2e: testhost-ready
 	e2e/nomad/build.sh
 	e2e/agent/agent.sh up
-	@set -a; . $(FIXTURES_ENV); set +a; \
+	@set -a; . $(FIXTURES_ENV); set +a; export NIXOS_NSPAWN_RCLONE=$(CURDIR)/$(RCLONE); \
 	$(GO) test -count=1 -tags e2e -v -timeout 30m ./e2e/
 
 # nixpkgs is out of reach here, so every .nix file is parsed, not evaluated.
@@ -90,7 +96,7 @@ clean: testhost-down
 # throughput vs a guest writing to a file, the plugin's RSS and its forwarders' PSS, and closure
 # import vs nix copy.
 bench: testhost-ready
-	@set -a; . $(FIXTURES_ENV); set +a; \
+	@set -a; . $(FIXTURES_ENV); set +a; export NIXOS_NSPAWN_RCLONE=$(CURDIR)/$(RCLONE); \
 	(cd closure && $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/closure.integration.test \
 		-test.run '^$$' -test.bench Import -test.benchtime $(or $(BENCHTIME),5x)); \
 	cd driver; \

@@ -9,7 +9,10 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/url"
 	"os"
+	"path/filepath"
+	"strings"
 )
 
 // DirCache is a binary cache in a directory, as `nix copy --to file://DIR` writes it.
@@ -59,5 +62,41 @@ func checkCacheInfo(root *os.Root) error {
 		return err
 	}
 	defer f.Close()
-	return parseCacheInfo(f)
+	_, err = parseCacheInfo(f)
+	return err
+}
+
+// fileCache is a cache directory named by a file:// URL in the plugin config, ranked by its
+// parameters like any other.
+type fileCache struct {
+	*DirCache
+	param CacheParams
+}
+
+func (c *fileCache) params() CacheParams { return c.param }
+
+func checkFileURL(u *url.URL) error {
+	p := u.Path
+	if p != "/" {
+		p = strings.TrimSuffix(p, "/")
+	}
+	switch {
+	case u.Host != "" && u.Host != "localhost":
+		return fmt.Errorf("names host %q: a file:// cache is a directory on this client, file:///DIR", u.Host)
+	case !filepath.IsAbs(p) || filepath.Clean(p) != p:
+		return errors.New("must name an absolute, clean directory path: file:///DIR")
+	}
+	return nil
+}
+
+func openFileCache(c CacheURL, _ CacheConfig) (Source, error) {
+	root, err := os.OpenRoot(c.u.Path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", c.Identity(), err)
+	}
+	dc, err := NewDirCache(root, c.Identity())
+	if err != nil {
+		return nil, err
+	}
+	return &fileCache{DirCache: dc, param: c.params}, nil
 }

@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -83,7 +84,7 @@ func openDirCache(dir string) (*DirCache, error) {
 func openURL(t *testing.T, raw string) Source {
 	u, err := ParseCacheURL(raw)
 	must.NoError(t, err)
-	c, err := OpenCache(u)
+	c, err := OpenCache(u, CacheConfig{})
 	must.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
 	return c
@@ -211,8 +212,9 @@ func TestImportExportStream(t *testing.T) {
 	must.NoError(t, CheckToplevel(s.Dir(), tiny))
 }
 
-// slowDropServer serves a cache; the first `drops` NAR requests are cut off half way.
-func cacheServer(t *testing.T, dir string, drops int32) (*httptest.Server, *atomic.Int32) {
+// cacheServer serves a cache; the first `drops` NAR responses are cut off half way. With ranges,
+// a Range request gets the rest of the file (206), else the whole file again (200).
+func cacheServer(t *testing.T, dir string, drops int32, ranges bool) (*httptest.Server, *atomic.Int32) {
 	var dropped atomic.Int32
 	files := http.FileServer(http.Dir(dir))
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -223,8 +225,17 @@ func cacheServer(t *testing.T, dir string, drops int32) (*httptest.Server, *atom
 				http.NotFound(w, r)
 				return
 			}
+			status := http.StatusOK
+			var from int
+			if n, ok := strings.CutPrefix(r.Header.Get("Range"), "bytes="); ok && ranges {
+				from, err = strconv.Atoi(strings.TrimSuffix(n, "-"))
+				must.NoError(t, err)
+				w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", from, len(b)-1, len(b)))
+				status = http.StatusPartialContent
+			}
+			b = b[from:]
 			w.Header().Set("Content-Length", fmt.Sprint(len(b)))
-			w.WriteHeader(http.StatusOK)
+			w.WriteHeader(status)
 			_, _ = w.Write(b[:len(b)/2])
 			w.(http.Flusher).Flush()
 			conn, _, err := w.(http.Hijacker).Hijack()
@@ -233,6 +244,9 @@ func cacheServer(t *testing.T, dir string, drops int32) (*httptest.Server, *atom
 				conn.Close()
 			}
 			return
+		}
+		if !ranges {
+			r.Header.Del("Range")
 		}
 		files.ServeHTTP(w, r)
 	}))
@@ -244,28 +258,41 @@ func TestImportHTTPCache(t *testing.T) {
 	tiny := env(t, "NIXOS_NSPAWN_TINY_TOPLEVEL")
 	dir := filepath.Join(closures(t), "tiny-xz")
 
-	t.Run("retries a dropped connection", func(t *testing.T) {
-		srv, dropped := cacheServer(t, dir, 1)
+	t.Run("resumes a dropped connection", func(t *testing.T) {
+		srv, dropped := cacheServer(t, dir, 2, true)
+		cache := openURL(t, srv.URL)
+		s := ownStore(t)
+		res, err := NewImporter(s, fixturePolicy(t)).Import(context.Background(), Request{Toplevel: tiny, Caches: []Source{cache}, Root: "a"})
+		must.NoError(t, err)
+		must.Eq(t, int32(2), dropped.Load())
+		// Each dropped NAR continued where it broke off rather than starting again.
+		must.Eq(t, 2, res.Resumed)
+		must.Eq(t, requisites(t, tiny), res.Requisites)
+	})
+	t.Run("retries a dropped connection when the server cannot resume", func(t *testing.T) {
+		srv, dropped := cacheServer(t, dir, 1, false)
 		cache := openURL(t, srv.URL)
 		s := ownStore(t)
 		res, err := NewImporter(s, fixturePolicy(t)).Import(context.Background(), Request{Toplevel: tiny, Caches: []Source{cache}, Root: "a"})
 		must.NoError(t, err)
 		must.Eq(t, int32(1), dropped.Load())
+		must.Eq(t, 0, res.Resumed)
 		must.Eq(t, requisites(t, tiny), res.Requisites)
 	})
 	t.Run("gives up and leaves nothing", func(t *testing.T) {
-		srv, dropped := cacheServer(t, dir, 100)
+		srv, dropped := cacheServer(t, dir, 1000, true)
 		cache := openURL(t, srv.URL)
 		s := ownStore(t)
 		_, err := NewImporter(s, fixturePolicy(t)).Import(context.Background(), Request{Toplevel: tiny, Caches: []Source{cache}, Root: "a"})
 		must.ErrorContains(t, err, "NAR of /nix/store/")
-		must.Eq(t, int32(fetchAttempts), dropped.Load())
+		// The toplevel comes first and alone: each attempt is a request and its resumes.
+		must.Eq(t, int32(fetchAttempts*(1+resumeAttempts)), dropped.Load())
 		assertEmpty(t, s)
 	})
 	t.Run("falls through to the next cache", func(t *testing.T) {
 		empty := httptest.NewServer(http.NotFoundHandler())
 		t.Cleanup(empty.Close)
-		srv, _ := cacheServer(t, dir, 0)
+		srv, _ := cacheServer(t, dir, 0, true)
 		var caches []Source
 		for _, u := range []string{empty.URL, srv.URL + "/"} {
 			caches = append(caches, openURL(t, u))

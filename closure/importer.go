@@ -17,10 +17,20 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/narinfo"
+	"golang.org/x/sync/errgroup"
 )
 
-// fetchAttempts is how often a NAR from a network cache is tried before the import fails.
-const fetchAttempts = 3
+const (
+	// fetchAttempts is how often a NAR from a network cache is tried before the import fails.
+	fetchAttempts = 3
+	// resumeAttempts is how often one transfer of a NAR continues after its connection dropped.
+	resumeAttempts = 3
+	// DefaultJobs is how many narinfo lookups and NAR transfers run at once without a Jobs
+	// setting: Nix's max-substitution-jobs.
+	DefaultJobs = 16
+	// progressStep is how many bytes pass between progress reports within a path.
+	progressStep = 4 << 20
+)
 
 // Policy is what the operator trusts.
 type Policy struct {
@@ -59,8 +69,13 @@ type Request struct {
 	Export *os.File
 	// Root names the GC root that keeps the closure while it is in use.
 	Root string
-	// Progress, if set, is told how the fetch goes.
+	// Progress, if set, is told how the fetch goes, one call at a time.
 	Progress func(Progress)
+	// Event, if set, is told what the operator should know of, such as a cache that is down and
+	// skipped; from several goroutines.
+	Event func(string)
+	// Jobs bounds the narinfo lookups and NAR transfers that run at once; 0 is DefaultJobs.
+	Jobs int
 }
 
 // Progress of an import.
@@ -78,6 +93,10 @@ type Result struct {
 	Bytes   uint64
 	// SignedBy names the keys that signed the fetched paths.
 	SignedBy []string
+	// UnsignedFrom names the trusted=true caches that supplied paths no trusted key signed.
+	UnsignedFrom []string
+	// Resumed counts NAR transfers that continued after their connection dropped.
+	Resumed int
 	// Realised says the host's Nix realised the toplevel (no cache or export given).
 	Realised bool
 }
@@ -88,6 +107,8 @@ type candidate struct {
 	ni   *narinfo.NarInfo
 	src  Source
 	exp  *exportEntry
+	// unsignedFrom is the trusted cache that vouches for a path no trusted key signed.
+	unsignedFrom string
 }
 
 // Import makes req.Toplevel and its closure valid in the store and roots it under req.Root.
@@ -141,8 +162,9 @@ func (im *Importer) Import(ctx context.Context, req Request) (*Result, error) {
 }
 
 // plan finds the missing paths of the closure and where each comes from: it walks the
-// references from the toplevel, stopping at valid paths (whose closures are valid). It returns
-// nil, and no error, when paths are missing and the request names no source at all.
+// references from the toplevel, stopping at valid paths (whose closures are valid), looking up
+// each level's paths at once. It returns nil, and no error, when paths are missing and the
+// request names no source at all.
 func (im *Importer) plan(ctx context.Context, req Request) (map[string]*candidate, error) {
 	var exported map[string]*exportEntry
 	if req.Export != nil {
@@ -158,6 +180,7 @@ func (im *Importer) plan(ctx context.Context, req Request) (map[string]*candidat
 			exported[entries[i].info.Path] = &entries[i]
 		}
 	}
+	var caches []*rankedCache
 	want := map[string]*candidate{}
 	referrer := map[string]string{}
 	frontier := []string{req.Toplevel}
@@ -166,22 +189,46 @@ func (im *Importer) plan(ctx context.Context, req Request) (map[string]*candidat
 		if err != nil {
 			return nil, err
 		}
-		var next []string
+		var todo []string
 		for _, p := range frontier {
-			if !missing[p] {
-				continue
+			if missing[p] {
+				todo = append(todo, p)
 			}
-			c, err := im.locate(ctx, req, exported, p)
-			if err != nil {
-				if by := referrer[p]; by != "" {
-					return nil, fmt.Errorf("%w (a reference of %s)", err, by)
-				}
+		}
+		if len(todo) == 0 {
+			break
+		}
+		if exported == nil && len(req.Caches) == 0 {
+			// Nowhere to fetch from: the toplevel may still be realised by the host's Nix.
+			return nil, nil
+		}
+		if exported == nil && caches == nil {
+			if caches, err = rankCaches(ctx, req.Caches, jobs(req), req.Event); err != nil {
 				return nil, err
 			}
-			if c == nil {
-				// Nowhere to fetch from: the toplevel may still be realised by the host's Nix.
-				return nil, nil
-			}
+		}
+		found := make([]*candidate, len(todo))
+		g, gctx := errgroup.WithContext(ctx)
+		g.SetLimit(jobs(req))
+		for i, p := range todo {
+			g.Go(func() error {
+				c, err := im.locate(gctx, req, exported, caches, p)
+				if err != nil {
+					if by := referrer[p]; by != "" {
+						return fmt.Errorf("%w (a reference of %s)", err, by)
+					}
+					return err
+				}
+				found[i] = c
+				return nil
+			})
+		}
+		if err := g.Wait(); err != nil {
+			return nil, err
+		}
+		var next []string
+		for i, p := range todo {
+			c := found[i]
 			want[p] = c
 			for _, r := range c.info.References {
 				if _, ok := want[r]; !ok && r != p {
@@ -197,8 +244,17 @@ func (im *Importer) plan(ctx context.Context, req Request) (map[string]*candidat
 	return want, nil
 }
 
-// locate finds where missing path p comes from; nil means no source was given at all.
-func (im *Importer) locate(ctx context.Context, req Request, exported map[string]*exportEntry, p string) (*candidate, error) {
+func jobs(req Request) int {
+	if req.Jobs > 0 {
+		return req.Jobs
+	}
+	return DefaultJobs
+}
+
+// locate finds where missing path p comes from: the export stream, or the first cache in
+// ranked order that has it. A cache that fails with anything but "not found" or a verification
+// failure is skipped from then on.
+func (im *Importer) locate(ctx context.Context, req Request, exported map[string]*exportEntry, caches []*rankedCache, p string) (*candidate, error) {
 	if exported != nil {
 		e, ok := exported[p]
 		if !ok {
@@ -207,30 +263,47 @@ func (im *Importer) locate(ctx context.Context, req Request, exported map[string
 		info := e.info
 		return &candidate{info: &info, exp: e}, nil
 	}
-	if len(req.Caches) == 0 {
-		return nil, nil
-	}
 	var names []string
-	for _, src := range req.Caches {
+	for _, c := range caches {
+		if c.isDown() != nil {
+			continue
+		}
+		src := c.src
 		ni, err := fetchNarInfo(ctx, src, p)
 		if errors.Is(err, ErrNotFound) {
 			names = append(names, src.String())
 			continue
 		}
-		if err != nil {
+		var ie integrityError
+		if errors.As(err, &ie) || ctx.Err() != nil {
 			return nil, err
+		}
+		if err != nil {
+			c.markDown(err, req.Event)
+			continue
 		}
 		info := &PathInfo{Path: p, NarHash: ni.NarHash.String(), NarSize: ni.NarSize}
 		for _, r := range ni.References {
 			info.References = append(info.References, absolute(r))
 		}
 		info.SignedBy = im.policy.Keys.Verify(ni)
+		cand := &candidate{info: info, ni: ni, src: src}
 		if len(info.SignedBy) == 0 && !im.policy.AllowUnsigned {
-			return nil, integrityError{unsignedError(p, src, ni, im.policy.Keys)}
+			if !c.trusted {
+				return nil, integrityError{unsignedError(p, src, ni, im.policy.Keys)}
+			}
+			cand.unsignedFrom = src.String()
 		}
-		return &candidate{info: info, ni: ni, src: src}, nil
+		return cand, nil
 	}
-	return nil, integrityf("store path %s is in none of the binary caches (%s)", p, strings.Join(names, ", "))
+	msg := fmt.Sprintf("store path %s is in none of the binary caches", p)
+	if len(names) > 0 {
+		msg += " (" + strings.Join(names, ", ") + ")"
+	}
+	if down := downCaches(caches); down != "" {
+		return nil, errors.New(msg + "; " + down)
+	}
+	return nil, integrityError{errors.New(msg)}
 }
 
 func unsignedError(p string, src Source, ni *narinfo.NarInfo, keys TrustedKeys) error {
@@ -291,29 +364,64 @@ func (im *Importer) fetch(ctx context.Context, req Request, want map[string]*can
 	defer os.RemoveAll(tmp)
 
 	var bytesDone atomic.Uint64
+	var mu sync.Mutex
+	signers := map[string]bool{}
+	unsignedFrom := map[string]bool{}
+	// Reports are made one at a time, so the last one has the totals.
+	var reportMu sync.Mutex
 	report := func() {
-		if req.Progress != nil {
-			prog.Bytes = bytesDone.Load()
-			req.Progress(prog)
+		if req.Progress == nil {
+			return
+		}
+		reportMu.Lock()
+		defer reportMu.Unlock()
+		mu.Lock()
+		prog.Bytes = bytesDone.Load()
+		p := prog
+		mu.Unlock()
+		req.Progress(p)
+	}
+	onRead := func(n int) {
+		if after := bytesDone.Add(uint64(n)); after/progressStep != (after-uint64(n))/progressStep {
+			report()
 		}
 	}
-	onRead := func(n int) { bytesDone.Add(uint64(n)) }
-	signers := map[string]bool{}
-	// The toplevel comes first, so a system that cannot run is refused before the rest is fetched.
-	stageOrder := order
-	if i := indexOf(order, req.Toplevel); i > 0 {
-		stageOrder = append(append([]string{req.Toplevel}, order[:i]...), order[i+1:]...)
-	}
-	for _, p := range stageOrder {
+	var resumed atomic.Int64
+	stage := func(ctx context.Context, p string) error {
 		c := want[p]
-		if err := im.stageOne(ctx, req, tmp, c, p == req.Toplevel, onRead); err != nil {
+		n, err := im.stageOne(ctx, req, tmp, c, p == req.Toplevel, onRead)
+		resumed.Add(int64(n))
+		if err != nil {
 			return err
 		}
+		mu.Lock()
 		for _, s := range c.info.SignedBy {
 			signers[s] = true
 		}
+		if c.unsignedFrom != "" {
+			unsignedFrom[c.unsignedFrom] = true
+		}
 		prog.Paths++
+		mu.Unlock()
 		report()
+		return nil
+	}
+	// The toplevel comes first, on its own, so a system that cannot run is refused before the
+	// rest is fetched.
+	rest := order
+	if i := indexOf(order, req.Toplevel); i >= 0 {
+		if err := stage(ctx, req.Toplevel); err != nil {
+			return err
+		}
+		rest = append(append([]string(nil), order[:i]...), order[i+1:]...)
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(jobs(req))
+	for _, p := range rest {
+		g.Go(func() error { return stage(gctx, p) })
+	}
+	if err := g.Wait(); err != nil {
+		return err
 	}
 	list := make([]*PathInfo, len(order))
 	for i, p := range order {
@@ -324,10 +432,15 @@ func (im *Importer) fetch(ctx context.Context, req Request, want map[string]*can
 	}
 	res.Fetched = len(list)
 	res.Bytes = bytesDone.Load()
+	res.Resumed = int(resumed.Load())
 	for s := range signers {
 		res.SignedBy = append(res.SignedBy, s)
 	}
 	sort.Strings(res.SignedBy)
+	for s := range unsignedFrom {
+		res.UnsignedFrom = append(res.UnsignedFrom, s)
+	}
+	sort.Strings(res.UnsignedFrom)
 	return nil
 }
 
@@ -350,43 +463,47 @@ func indexOf(list []string, s string) int {
 	return -1
 }
 
-// stageOne fetches, checks and stages one path, retrying transfers from network caches.
-func (im *Importer) stageOne(ctx context.Context, req Request, tmp string, c *candidate, toplevel bool, onRead func(int)) error {
+// stageOne fetches, checks and stages one path, retrying transfers from network caches. It
+// returns how often a transfer resumed after a dropped connection.
+func (im *Importer) stageOne(ctx context.Context, req Request, tmp string, c *candidate, toplevel bool, onRead func(int)) (int, error) {
 	st, err := im.store.stage(tmp, c.info)
 	if err != nil {
-		return err
+		return 0, err
 	}
+	resumed := 0
 	for attempt := 1; ; attempt++ {
 		var top topInfo
-		err := im.transfer(ctx, req, c, st, onRead, func(h *nar.Header) {
+		n, err := im.transfer(ctx, req, c, st, onRead, func(h *nar.Header) {
 			if toplevel {
 				top.entry(h)
 			}
 		})
+		resumed += n
 		if err == nil && toplevel {
 			err = top.check(c.info.Path)
 		}
 		if err == nil {
-			return st.finish()
+			return resumed, st.finish()
 		}
 		var ie integrityError
 		if errors.As(err, &ie) || ctx.Err() != nil || c.src == nil || !c.src.Retryable() || attempt == fetchAttempts {
 			_ = st.discard()
-			return err
+			return resumed, err
 		}
 		if derr := st.discard(); derr != nil {
-			return derr
+			return resumed, derr
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return resumed, ctx.Err()
 		case <-time.After(time.Duration(attempt) * 500 * time.Millisecond):
 		}
 	}
 }
 
-// transfer reads one NAR into a stager and checks it against what is known of the path.
-func (im *Importer) transfer(ctx context.Context, req Request, c *candidate, st stager, onRead func(int), inspect func(*nar.Header)) error {
+// transfer reads one NAR into a stager and checks it against what is known of the path; it
+// returns how often the transfer resumed.
+func (im *Importer) transfer(ctx context.Context, req Request, c *candidate, st stager, onRead func(int), inspect func(*nar.Header)) (int, error) {
 	visit := func(h *nar.Header, body io.Reader) error {
 		inspect(h)
 		return st.entry(h, body)
@@ -400,29 +517,29 @@ func (im *Importer) transfer(ctx context.Context, req Request, c *candidate, st 
 	if c.exp != nil {
 		hr := newHashReader(io.NewSectionReader(req.Export, c.exp.offset, c.exp.length), onRead)
 		if err := walkNAR(tee(hr), visit); err != nil {
-			return integrityf("store path %s in the export stream: %w", c.info.Path, err)
+			return 0, integrityf("store path %s in the export stream: %w", c.info.Path, err)
 		}
 		if got := "sha256:" + nixbase32Sum(hr); hr.n != c.info.NarSize || got != c.info.NarHash {
-			return integrityf("store path %s in the export stream changed while it was imported", c.info.Path)
+			return 0, integrityf("store path %s in the export stream changed while it was imported", c.info.Path)
 		}
-		return nil
+		return 0, nil
 	}
 	ns, err := openNAR(ctx, c.src, c.ni, onRead)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer ns.Close()
 	if err := walkNAR(tee(ns), visit); err != nil {
 		if ns.nar.n > c.ni.NarSize {
-			return integrityf("NAR of %s from %s is larger than its NarSize %d", c.info.Path, c.src, c.ni.NarSize)
+			return ns.resumed(), integrityf("NAR of %s from %s is larger than its NarSize %d", c.info.Path, c.src, c.ni.NarSize)
 		}
 		var ie integrityError
 		if errors.As(err, &ie) || ctx.Err() != nil {
-			return err
+			return ns.resumed(), err
 		}
-		return fmt.Errorf("NAR of %s from %s: %w", c.info.Path, c.src, err)
+		return ns.resumed(), fmt.Errorf("NAR of %s from %s: %w", c.info.Path, c.src, err)
 	}
-	return ns.verify(c.ni)
+	return ns.resumed(), ns.verify(c.ni)
 }
 
 // hold waits until no other import holds any of paths (sorted, so two imports cannot deadlock)

@@ -15,6 +15,7 @@ import (
 	"io"
 	"path"
 	"strings"
+	"sync"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/nix-community/go-nix/pkg/narinfo"
@@ -94,15 +95,38 @@ func decompressor(compression string, r io.Reader) (io.ReadCloser, error) {
 		}
 		return io.NopCloser(xr), nil
 	case "zstd":
-		zr, err := zstd.NewReader(r)
-		if err != nil {
-			return nil, err
-		}
-		return zr.IOReadCloser(), nil
+		return newZstdReader(r)
 	case "bzip2":
 		return io.NopCloser(bzip2.NewReader(r)), nil
 	}
 	return nil, fmt.Errorf("compression %q is not supported", compression)
+}
+
+// zstdDecoders keeps decoders for reuse: a new one allocates its buffers, which for a closure of
+// many small paths costs more than the decoding.
+var zstdDecoders sync.Pool
+
+// newZstdReader decodes r in the reading goroutine; Close gives the decoder back.
+func newZstdReader(r io.Reader) (io.ReadCloser, error) {
+	d, _ := zstdDecoders.Get().(*zstd.Decoder)
+	if d == nil {
+		var err error
+		if d, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1)); err != nil {
+			return nil, err
+		}
+	}
+	if err := d.Reset(r); err != nil {
+		d.Close()
+		return nil, err
+	}
+	var once sync.Once
+	return readCloser{d, func() error {
+		once.Do(func() {
+			_ = d.Reset(nil)
+			zstdDecoders.Put(d)
+		})
+		return nil
+	}}, nil
 }
 
 // hashReader hashes and counts what is read through it.
@@ -138,8 +162,49 @@ type narStream struct {
 	file   *hashReader
 	dec    io.ReadCloser
 	body   io.ReadCloser
+	resume *resumingReader
 	source string
 }
+
+func (s *narStream) resumed() int {
+	if s.resume == nil {
+		return 0
+	}
+	return s.resume.resumed
+}
+
+// resumingReader continues a file whose connection dropped from where it broke off, so that a
+// large NAR is not fetched again from its start. Hashes and sizes are checked above it.
+type resumingReader struct {
+	ctx     context.Context
+	src     resumer
+	rel     string
+	rc      io.ReadCloser
+	off     int64
+	resumed int
+}
+
+func (r *resumingReader) Read(p []byte) (int, error) {
+	for {
+		n, err := r.rc.Read(p)
+		r.off += int64(n)
+		if err == nil || errors.Is(err, io.EOF) || r.ctx.Err() != nil || r.resumed == resumeAttempts {
+			return n, err
+		}
+		next, rerr := r.src.OpenFrom(r.ctx, r.rel, r.off)
+		if rerr != nil {
+			return n, err
+		}
+		r.rc.Close()
+		r.rc = next
+		r.resumed++
+		if n > 0 {
+			return n, nil
+		}
+	}
+}
+
+func (r *resumingReader) Close() error { return r.rc.Close() }
 
 // openNAR starts fetching the NAR ni points to. onRead is told about every compressed byte.
 func openNAR(ctx context.Context, src Source, ni *narinfo.NarInfo, onRead func(int)) (*narStream, error) {
@@ -151,7 +216,17 @@ func openNAR(ctx context.Context, src Source, ni *narinfo.NarInfo, onRead func(i
 		return nil, err
 	}
 	s := &narStream{body: body, source: src.String()}
-	var fileR io.Reader = bufio.NewReaderSize(body, 256<<10)
+	if rs, ok := src.(resumer); ok {
+		s.resume = &resumingReader{ctx: ctx, src: rs, rel: ni.URL, rc: body}
+		s.body = s.resume
+		body = s.resume
+	}
+	// A small NAR (most paths of a closure) needs no large read buffer.
+	bufSize := 256 << 10
+	if ni.FileSize > 0 && ni.FileSize < uint64(bufSize) {
+		bufSize = max(int(ni.FileSize)+1, 4096)
+	}
+	var fileR io.Reader = bufio.NewReaderSize(body, bufSize)
 	if ni.FileSize > 0 {
 		fileR = io.LimitReader(fileR, int64(ni.FileSize)+1)
 	}

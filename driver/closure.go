@@ -20,8 +20,9 @@ import (
 )
 
 const (
-	// progressInterval spaces the task events that report a fetch's progress.
-	progressInterval = 2 * time.Second
+	// progressInterval spaces the task events that report a fetch's progress: Nomad keeps a
+	// task's last 10 events, and the others (a skipped cache) must stay readable.
+	progressInterval = 10 * time.Second
 	// maxGCInterval bounds how long an unused closure outlives its grace period.
 	maxGCInterval = 5 * time.Minute
 )
@@ -129,11 +130,12 @@ func (d *Driver) fetchClosure(ctx context.Context, m *machine, cfg *drivers.Task
 		}
 		req.Export = f
 	}
-	if err := checkTaskSubstituters(o.substituters, pc); err != nil {
+	urls, err := taskCaches(o.substituters, pc)
+	if err != nil {
 		return nspawn.StoreView{}, err
 	}
-	for _, u := range append(append([]closure.CacheURL(nil), o.substituters...), pc.substituters...) {
-		cache, err := closure.OpenCache(u)
+	for _, u := range urls {
+		cache, err := closure.OpenCache(u, pc.cacheConfig)
 		if err != nil {
 			return nspawn.StoreView{}, err
 		}
@@ -141,6 +143,8 @@ func (d *Driver) fetchClosure(ctx context.Context, m *machine, cfg *drivers.Task
 		req.Caches = append(req.Caches, cache)
 	}
 	emit := d.emitter(cfg)
+	req.Event = func(msg string) { emit(msg, nil) }
+	req.Jobs = pc.MaxSubstitutionJobs
 	var mu sync.Mutex
 	var last time.Time
 	req.Progress = func(p closure.Progress) {
@@ -160,9 +164,16 @@ func (d *Driver) fetchClosure(ctx context.Context, m *machine, cfg *drivers.Task
 	switch {
 	case res.Fetched > 0:
 		msg := fmt.Sprintf("closure fetched into the %s store: %d paths, %s in %s", store.Kind(), res.Fetched, byteSize(res.Bytes), time.Since(start).Round(time.Millisecond))
+		if res.Resumed > 0 {
+			msg += fmt.Sprintf(" (%d dropped transfers resumed)", res.Resumed)
+		}
 		if len(res.SignedBy) > 0 {
 			msg += "; signature verified by " + strings.Join(res.SignedBy, ", ")
-		} else {
+		}
+		switch {
+		case len(res.UnsignedFrom) > 0:
+			msg += "; unsigned paths accepted from " + strings.Join(res.UnsignedFrom, ", ") + ", which the plugin config marks trusted"
+		case len(res.SignedBy) == 0:
 			msg += "; unsigned, accepted because the plugin config sets allow_unsigned"
 		}
 		emit(msg, nil)
@@ -175,20 +186,39 @@ func (d *Driver) fetchClosure(ctx context.Context, m *machine, cfg *drivers.Task
 	return closureView(store.Dir(), m.storeView(), res.Requisites)
 }
 
-// checkTaskSubstituters lets a task name only binary caches the operator listed, as Nix lets
-// untrusted users name only trusted-substituters: the driver fetches as root, and would
-// otherwise ask any address a job author wrote.
-func checkTaskSubstituters(urls []closure.CacheURL, pc PluginConfig) error {
-	allowed := map[string]bool{}
+// taskCaches is the task's substituters, then the plugin config's, each cache once. A task may
+// name only binary caches the operator listed, as Nix lets untrusted users name only
+// trusted-substituters: the driver fetches as root, and would otherwise ask any address a job
+// author wrote. A task's entry is the operator's, with the operator's priority and trust.
+func taskCaches(urls []closure.CacheURL, pc PluginConfig) ([]closure.CacheURL, error) {
+	allowed := map[string]closure.CacheURL{}
 	for _, u := range append(append([]closure.CacheURL(nil), pc.substituters...), pc.trustedSubstituters...) {
-		allowed[u.String()] = true
-	}
-	for i, u := range urls {
-		if !allowed[u.String()] {
-			return fmt.Errorf("substituters[%d] = %q: a task may name only binary caches of the plugin config's substituters or trusted_substituters", i, u.Raw())
+		if _, ok := allowed[u.Identity()]; !ok {
+			allowed[u.Identity()] = u
 		}
 	}
-	return nil
+	var out []closure.CacheURL
+	seen := map[string]bool{}
+	for i, u := range urls {
+		op, ok := allowed[u.Identity()]
+		if !ok {
+			return nil, fmt.Errorf("substituters[%d] = %q: a task may name only binary caches of the plugin config's substituters or trusted_substituters", i, u.Raw())
+		}
+		if u.String() != u.Identity() && u.String() != op.String() {
+			return nil, fmt.Errorf("substituters[%d] = %q: priority, want-mass-query and trusted are the plugin config's to set; name the cache as %q", i, u.Raw(), u.Identity())
+		}
+		if !seen[op.Identity()] {
+			seen[op.Identity()] = true
+			out = append(out, op)
+		}
+	}
+	for _, u := range pc.substituters {
+		if !seen[u.Identity()] {
+			seen[u.Identity()] = true
+			out = append(out, u)
+		}
+	}
+	return out, nil
 }
 
 // closureView binds each path of the closure on its own, and writes symlink paths as symlinks.

@@ -28,6 +28,7 @@ const (
 	defaultTasksMax     = 16384
 	defaultReadyTimeout = "2m"
 	defaultGCGrace      = "1h"
+	maxSubstitutionJobs = 256
 	// defaultConsoleBacklog bounds the disk a machine's undelivered console may take.
 	defaultConsoleBacklog = "1GiB"
 	maxReadyTimeout       = time.Hour
@@ -50,12 +51,19 @@ var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"substituters":         hclspec.NewAttr("substituters", "list(string)", false),
 	"trusted_substituters": hclspec.NewAttr("trusted_substituters", "list(string)", false),
 	"allow_unsigned":       hclspec.NewDefault(hclspec.NewAttr("allow_unsigned", "bool", false), hclspec.NewLiteral("false")),
-	"gc_grace":             hclspec.NewDefault(hclspec.NewAttr("gc_grace", "string", false), hclspec.NewLiteral(strconv.Quote(defaultGCGrace))),
-	"address_pool":         hclspec.NewDefault(hclspec.NewAttr("address_pool", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPool))),
-	"address_pool_ipv6":    hclspec.NewDefault(hclspec.NewAttr("address_pool_ipv6", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPoolIPv6))),
-	"console_backlog":      hclspec.NewDefault(hclspec.NewAttr("console_backlog", "string", false), hclspec.NewLiteral(strconv.Quote(defaultConsoleBacklog))),
-	"allow_caps":           hclspec.NewAttr("allow_caps", "list(string)", false),
-	"allow_system_calls":   hclspec.NewAttr("allow_system_calls", "list(string)", false),
+	"netrc_file":           hclspec.NewAttr("netrc_file", "string", false),
+	"bearer_token": hclspec.NewBlockList("bearer_token", hclspec.NewObject(map[string]*hclspec.Spec{
+		"cache": hclspec.NewAttr("cache", "string", true),
+		"file":  hclspec.NewAttr("file", "string", true),
+	})),
+	"aws_credentials_file":  hclspec.NewAttr("aws_credentials_file", "string", false),
+	"max_substitution_jobs": hclspec.NewDefault(hclspec.NewAttr("max_substitution_jobs", "number", false), hclspec.NewLiteral(strconv.Itoa(closure.DefaultJobs))),
+	"gc_grace":              hclspec.NewDefault(hclspec.NewAttr("gc_grace", "string", false), hclspec.NewLiteral(strconv.Quote(defaultGCGrace))),
+	"address_pool":          hclspec.NewDefault(hclspec.NewAttr("address_pool", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPool))),
+	"address_pool_ipv6":     hclspec.NewDefault(hclspec.NewAttr("address_pool_ipv6", "string", false), hclspec.NewLiteral(strconv.Quote(defaultAddressPoolIPv6))),
+	"console_backlog":       hclspec.NewDefault(hclspec.NewAttr("console_backlog", "string", false), hclspec.NewLiteral(strconv.Quote(defaultConsoleBacklog))),
+	"allow_caps":            hclspec.NewAttr("allow_caps", "list(string)", false),
+	"allow_system_calls":    hclspec.NewAttr("allow_system_calls", "list(string)", false),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -99,6 +107,14 @@ type PluginConfig struct {
 	TrustedSubstituters []string `codec:"trusted_substituters"`
 	// AllowUnsigned accepts unsigned paths and export streams.
 	AllowUnsigned bool `codec:"allow_unsigned"`
+	// NetrcFile gives HTTP(S) caches their login and password (Nix's netrc-file format).
+	NetrcFile string `codec:"netrc_file"`
+	// BearerTokens give caches a token (Authorization: Bearer) from a file.
+	BearerTokens []BearerToken `codec:"bearer_token"`
+	// AWSCredentialsFile is a shared credentials file for s3:// caches.
+	AWSCredentialsFile string `codec:"aws_credentials_file"`
+	// MaxSubstitutionJobs bounds the narinfo lookups and NAR transfers of one fetch that run at once.
+	MaxSubstitutionJobs int `codec:"max_substitution_jobs"`
 	// GCGrace is how long the driver's own store keeps a closure no allocation uses.
 	GCGrace string `codec:"gc_grace"`
 
@@ -123,6 +139,13 @@ type PluginConfig struct {
 	pools               pools
 	substituters        []closure.CacheURL
 	trustedSubstituters []closure.CacheURL
+	cacheConfig         closure.CacheConfig
+}
+
+// BearerToken is a bearer_token block: the file holding the token of one cache.
+type BearerToken struct {
+	Cache string `codec:"cache"`
+	File  string `codec:"file"`
 }
 
 // TaskConfig is the config block of a task.
@@ -188,6 +211,9 @@ func (c *PluginConfig) validate() error {
 	if c.trustedSubstituters, err = closure.ParseCacheURLs("trusted_substituters", c.TrustedSubstituters); err != nil {
 		return err
 	}
+	if c.cacheConfig, err = c.validateCacheAccess(); err != nil {
+		return err
+	}
 	if c.GCGrace == "" {
 		c.GCGrace = defaultGCGrace
 	}
@@ -249,6 +275,67 @@ func prepareDataDir(dir string) error {
 		return fmt.Errorf("data_dir = %q: writable by every user (mode %04o), who could replace what root runs from it; run `chmod o-w %s` (0700 is what the driver makes) or choose another directory", dir, fi.Mode().Perm(), dir)
 	}
 	return nil
+}
+
+// validateCacheAccess checks the credentials files and the transfer bound. Files are read again
+// for each fetch, so a rotated token counts from the next task on. No message holds a secret.
+func (c *PluginConfig) validateCacheAccess() (closure.CacheConfig, error) {
+	if c.MaxSubstitutionJobs == 0 {
+		c.MaxSubstitutionJobs = closure.DefaultJobs
+	}
+	if c.MaxSubstitutionJobs < 1 || c.MaxSubstitutionJobs > maxSubstitutionJobs {
+		return closure.CacheConfig{}, fmt.Errorf("max_substitution_jobs = %d: must be between 1 and %d (narinfo lookups and NAR transfers of one fetch at once)", c.MaxSubstitutionJobs, maxSubstitutionJobs)
+	}
+	cc := closure.CacheConfig{NetrcFile: c.NetrcFile, AWSCredentialsFile: c.AWSCredentialsFile, Connections: c.MaxSubstitutionJobs}
+	if c.NetrcFile != "" {
+		if !filepath.IsAbs(c.NetrcFile) {
+			return cc, fmt.Errorf("netrc_file = %q: must be an absolute path to a netrc file", c.NetrcFile)
+		}
+		if err := closure.CheckNetrc(c.NetrcFile); err != nil {
+			return cc, fmt.Errorf("netrc_file = %q: %w; it takes Nix's netrc-file format: machine HOST login USER password TOKEN", c.NetrcFile, err)
+		}
+	}
+	if c.AWSCredentialsFile != "" {
+		if !filepath.IsAbs(c.AWSCredentialsFile) {
+			return cc, fmt.Errorf("aws_credentials_file = %q: must be an absolute path to an AWS shared credentials file", c.AWSCredentialsFile)
+		}
+		f, err := os.Open(c.AWSCredentialsFile)
+		if err != nil {
+			return cc, fmt.Errorf("aws_credentials_file = %q: %w", c.AWSCredentialsFile, err)
+		}
+		f.Close()
+	}
+	known := map[string]bool{}
+	for _, u := range append(append([]closure.CacheURL(nil), c.substituters...), c.trustedSubstituters...) {
+		known[u.Identity()] = true
+	}
+	for i, bt := range c.BearerTokens {
+		field := fmt.Sprintf("bearer_token[%d]", i)
+		u, err := closure.ParseCacheURL(bt.Cache)
+		if err != nil {
+			return cc, fmt.Errorf("%s.cache = %w", field, err)
+		}
+		if !known[u.Identity()] {
+			return cc, fmt.Errorf("%s.cache = %q: must name a cache of substituters or trusted_substituters", field, bt.Cache)
+		}
+		if !strings.HasPrefix(bt.Cache, "http") {
+			return cc, fmt.Errorf("%s.cache = %q: only http:// and https:// caches take a bearer token; s3:// caches use aws_credentials_file", field, bt.Cache)
+		}
+		if _, dup := cc.BearerTokenFiles[u.Identity()]; dup {
+			return cc, fmt.Errorf("%s.cache = %q: the cache has a bearer_token block already", field, bt.Cache)
+		}
+		if !filepath.IsAbs(bt.File) {
+			return cc, fmt.Errorf("%s.file = %q: must be an absolute path to a file holding the token", field, bt.File)
+		}
+		if _, err := closure.ReadTokenFile(bt.File); err != nil {
+			return cc, fmt.Errorf("%s.file = %q: %w", field, bt.File, err)
+		}
+		if cc.BearerTokenFiles == nil {
+			cc.BearerTokenFiles = map[string]string{}
+		}
+		cc.BearerTokenFiles[u.Identity()] = bt.File
+	}
+	return cc, nil
 }
 
 // findTool looks in PATH, then where NixOS keeps it. Not finding it is reported by the fingerprint.

@@ -281,8 +281,8 @@ func TestTaskConfigOptions_Errors(t *testing.T) {
 		{"binary_cache escaping", func(c *TaskConfig) { c.BinaryCache = "local/../../x" }, "binary_cache", `"local/../../x"`},
 		{"export escaping", func(c *TaskConfig) { c.Export = "../closure" }, "export", `"../closure"`},
 		{"binary_cache and export", func(c *TaskConfig) { c.BinaryCache, c.Export = "local/c", "local/e" }, "binary_cache", `"local/c"`},
-		{"substituter not http", func(c *TaskConfig) { c.Substituters = []string{"file:///srv/cache"} }, "substituters[0]", `"file:///srv/cache"`},
-		{"substituter with user", func(c *TaskConfig) { c.Substituters = []string{"https://a:b@cache"} }, "substituters[0]", `"https://a:b@cache"`},
+		{"substituter of no known kind", func(c *TaskConfig) { c.Substituters = []string{"ftp://srv/cache"} }, "substituters[0]", `"ftp://srv/cache"`},
+		{"substituter with user", func(c *TaskConfig) { c.Substituters = []string{"https://a:b@cache"} }, "substituters[0]", `"https://a:xxxxx@cache" must be a binary cache URL without user`},
 		{"store_view all", func(c *TaskConfig) { c.StoreView = "all" }, "store_view", `"all"`},
 		{"empty port label", func(c *TaskConfig) { c.Ports = []string{"http", ""} }, "ports[1]", `""`},
 	}
@@ -366,22 +366,32 @@ func TestPluginConfigSchema_Defaults(t *testing.T) {
 	var pc PluginConfig
 	hclutils.NewConfigParser(pluginConfigSpec).ParseHCL(t, "config {\n}", &pc)
 	must.Eq(t, PluginConfig{
-		Enabled:         true,
-		DataDir:         "/var/lib/nomad-driver-nixos",
-		Slice:           "machine.slice",
-		TasksMax:        16384,
-		Store:           "auto",
-		GCGrace:         "1h",
-		AddressPool:     "10.235.0.0/16",
-		AddressPoolIPv6: "fd35:6e78:6f73::/48",
-		ConsoleBacklog:  "1GiB",
+		Enabled:             true,
+		DataDir:             "/var/lib/nomad-driver-nixos",
+		Slice:               "machine.slice",
+		TasksMax:            16384,
+		Store:               "auto",
+		GCGrace:             "1h",
+		BearerTokens:        []BearerToken{},
+		MaxSubstitutionJobs: 16,
+		AddressPool:         "10.235.0.0/16",
+		AddressPoolIPv6:     "fd35:6e78:6f73::/48",
+		ConsoleBacklog:      "1GiB",
 	}, pc)
 	must.NoError(t, pc.validate())
 }
 
 func TestPluginConfigSchema_AllFields(t *testing.T) {
+	secrets := t.TempDir()
+	for name, content := range map[string]string{
+		"netrc":           "machine attic.example.org login ci password tok\n",
+		"attic-token":     "tok\n",
+		"aws-credentials": "[default]\naws_access_key_id = AKIA\naws_secret_access_key = s\n",
+	} {
+		must.NoError(t, os.WriteFile(filepath.Join(secrets, name), []byte(content), 0o600))
+	}
 	var pc PluginConfig
-	hclutils.NewConfigParser(pluginConfigSpec).ParseHCL(t, `config {
+	hclutils.NewConfigParser(pluginConfigSpec).ParseHCL(t, strings.ReplaceAll(`config {
   enabled          = false
   data_dir         = "/srv/machines"
   nspawn_path      = "/opt/bin/systemd-nspawn"
@@ -393,11 +403,18 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
   nix_store_path   = "/opt/bin/nix-store"
   trusted_public_keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
   substituters     = ["https://cache.example.org"]
-  trusted_substituters = ["https://ci.example.org"]
+  trusted_substituters = ["https://ci.example.org", "https://attic.example.org/ci?priority=10"]
   allow_unsigned   = true
+  netrc_file       = "SECRETS/netrc"
+  bearer_token {
+    cache = "https://attic.example.org/ci"
+    file  = "SECRETS/attic-token"
+  }
+  aws_credentials_file  = "SECRETS/aws-credentials"
+  max_substitution_jobs = 4
   gc_grace         = "10m"
   console_backlog  = "64MiB"
-}`, &pc)
+}`, "SECRETS", secrets), &pc)
 	must.Eq(t, PluginConfig{
 		Enabled:             false,
 		DataDir:             "/srv/machines",
@@ -410,9 +427,13 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
 		NixStorePath:        "/opt/bin/nix-store",
 		TrustedPublicKeys:   []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="},
 		Substituters:        []string{"https://cache.example.org"},
-		TrustedSubstituters: []string{"https://ci.example.org"},
+		TrustedSubstituters: []string{"https://ci.example.org", "https://attic.example.org/ci?priority=10"},
 		AllowUnsigned:       true,
+		NetrcFile:           secrets + "/netrc",
+		BearerTokens:        []BearerToken{{Cache: "https://attic.example.org/ci", File: secrets + "/attic-token"}},
+		AWSCredentialsFile:  secrets + "/aws-credentials",
 		GCGrace:             "10m",
+		MaxSubstitutionJobs: 4,
 		AddressPool:         "10.235.0.0/16",
 		AddressPoolIPv6:     "fd35:6e78:6f73::/48",
 		ConsoleBacklog:      "64MiB",
@@ -421,4 +442,67 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
 	must.EqOp(t, 10*time.Minute, pc.gcGrace)
 	must.EqOp(t, 64<<20, pc.consoleBacklog)
 	must.Eq(t, 1, len(pc.keys))
+}
+
+func TestPluginConfigValidate_CacheAccess(t *testing.T) {
+	dir := t.TempDir()
+	secret := "attic-tok-8c1d"
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		must.NoError(t, os.WriteFile(p, []byte(content), 0o600))
+		return p
+	}
+	token := write("token", secret+"\n")
+	netrc := write("netrc", "machine attic.example.org login ci password "+secret+"\n")
+	badNetrc := write("bad-netrc", "machine attic.example.org login ci pasword "+secret+"\n")
+	empty := write("empty", "\n")
+	creds := write("aws", "[default]\naws_access_key_id = AKIA\naws_secret_access_key = "+secret+"\n")
+	base := func() PluginConfig {
+		pc := validPluginConfig()
+		pc.Substituters = []string{"https://attic.example.org/ci?priority=10", "s3://nix?region=eu-west-1"}
+		return pc
+	}
+
+	pc := base()
+	pc.NetrcFile, pc.AWSCredentialsFile = netrc, creds
+	pc.BearerTokens = []BearerToken{{Cache: "https://attic.example.org/ci/", File: token}}
+	must.NoError(t, pc.validate())
+	must.Eq(t, map[string]string{"https://attic.example.org/ci": token}, pc.cacheConfig.BearerTokenFiles)
+	must.Eq(t, 16, pc.cacheConfig.Connections)
+
+	for _, c := range []struct {
+		name   string
+		mutate func(*PluginConfig)
+		want   string
+	}{
+		{"relative netrc_file", func(c *PluginConfig) { c.NetrcFile = "netrc" }, `netrc_file = "netrc": must be an absolute path`},
+		{"missing netrc_file", func(c *PluginConfig) { c.NetrcFile = dir + "/none" }, `netrc_file = "` + dir + `/none": open`},
+		{"bad netrc_file", func(c *PluginConfig) { c.NetrcFile = badNetrc }, "line 1: unknown netrc keyword"},
+		{"relative aws_credentials_file", func(c *PluginConfig) { c.AWSCredentialsFile = "aws" }, `aws_credentials_file = "aws": must be an absolute path`},
+		{"token for an unlisted cache", func(c *PluginConfig) {
+			c.BearerTokens = []BearerToken{{Cache: "https://evil.example.org", File: token}}
+		}, `bearer_token[0].cache = "https://evil.example.org": must name a cache of substituters or trusted_substituters`},
+		{"token for s3", func(c *PluginConfig) {
+			c.BearerTokens = []BearerToken{{Cache: "s3://nix?region=eu-west-1", File: token}}
+		}, "only http:// and https:// caches take a bearer token"},
+		{"two tokens for a cache", func(c *PluginConfig) {
+			c.BearerTokens = []BearerToken{{Cache: "https://attic.example.org/ci", File: token}, {Cache: "https://attic.example.org/ci/", File: token}}
+		}, `bearer_token[1].cache = "https://attic.example.org/ci/": the cache has a bearer_token block already`},
+		{"relative token file", func(c *PluginConfig) {
+			c.BearerTokens = []BearerToken{{Cache: "https://attic.example.org/ci", File: "token"}}
+		}, `bearer_token[0].file = "token": must be an absolute path`},
+		{"empty token file", func(c *PluginConfig) {
+			c.BearerTokens = []BearerToken{{Cache: "https://attic.example.org/ci", File: empty}}
+		}, "must hold one token on one line"},
+		{"max_substitution_jobs too high", func(c *PluginConfig) { c.MaxSubstitutionJobs = 1000 }, "max_substitution_jobs = 1000: must be between 1 and 256"},
+		{"max_substitution_jobs negative", func(c *PluginConfig) { c.MaxSubstitutionJobs = -1 }, "max_substitution_jobs = -1"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pc := base()
+			c.mutate(&pc)
+			err := pc.validate()
+			must.ErrorContains(t, err, c.want)
+			must.StrNotContains(t, err.Error(), secret)
+		})
+	}
 }

@@ -114,7 +114,11 @@ func TestREADMEOptionTablesMatchTheSchemas(t *testing.T) {
 			if d := spec.GetDefault(); d != nil {
 				attr, def = d.GetPrimary().GetAttr(), strings.Trim(d.GetDefault().GetLiteral().GetValue(), `"`)
 			}
-			must.Eq(t, attr.GetType(), row[0], must.Sprintf("type of %s", name))
+			typ := attr.GetType()
+			if spec.GetBlockList() != nil {
+				typ = "blocks"
+			}
+			must.Eq(t, typ, row[0], must.Sprintf("type of %s", name))
 			if def != "" {
 				must.Eq(t, def, row[1], must.Sprintf("default of %s", name))
 			}

@@ -194,12 +194,35 @@ cmd_down() {
 	return "$rc"
 }
 
+# The binary caches the e2e tests (e2e/caches_test.go) serve on loopback while they run: an S3
+# bucket (rclone serve s3), a cache that wants a bearer token, and one that is always down. Their
+# credentials are made afresh for each agent, in a directory the test host sees at the same path.
+E2E_CACHES=$BUILD/e2e-caches
+S3_CACHE="s3://e2e-closure?endpoint=127.0.0.1:4680\&scheme=http\&profile=e2e\&priority=40"
+TOKEN_CACHE="http://127.0.0.1:4681/ci"
+DOWN_CACHE="http://127.0.0.1:4682/down?priority=1"
+
+new_secret() { head -c 24 /dev/urandom | base64 | tr -d '/+='; }
+
 # render_config SRC DST: the README's configuration, trusting the key that signed the fixture
-# closures (e2e/fixtures/build.sh) where the README has its commented example.
+# closures (e2e/fixtures/build.sh) where the README has its commented example, and naming the
+# e2e tests' caches as trusted_substituters with their credentials.
 render_config() {
 	local key
 	key=$(cat "$CACHE_DIR/fixtures/closures/key.pub") || die "no fixture key: run e2e/fixtures/build.sh"
-	sed "s|^    # trusted_public_keys = .*|    trusted_public_keys = [\"$key\"]|" "$1" >"$2.tmp"
+	mkdir -p "$E2E_CACHES"
+	chmod 0700 "$E2E_CACHES"
+	local id
+	id=$(new_secret)
+	printf '[e2e]\naws_access_key_id = E2E%s\naws_secret_access_key = %s\n' "${id:0:12}" "$(new_secret)" >"$E2E_CACHES/aws-credentials"
+	new_secret >"$E2E_CACHES/token"
+	sed "s|^    # trusted_public_keys = .*|    trusted_public_keys = [\"$key\"]\\
+    trusted_substituters = [\"$S3_CACHE\", \"$TOKEN_CACHE\", \"$DOWN_CACHE\"]\\
+    aws_credentials_file = \"$E2E_CACHES/aws-credentials\"\\
+    bearer_token {\\
+      cache = \"$TOKEN_CACHE\"\\
+      file  = \"$E2E_CACHES/token\"\\
+    }|" "$1" >"$2.tmp"
 	grep -q "trusted_public_keys = \[\"$key\"\]" "$2.tmp" || die "$1 has no trusted_public_keys line to fill in"
 	mv "$2.tmp" "$2"
 }
