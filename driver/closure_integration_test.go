@@ -220,7 +220,7 @@ func TestClosureDeliveryToOwnStore(t *testing.T) {
 		{
 			name:     "unsigned paths of a cache the plugin config trusts",
 			plugin:   func(pc *PluginConfig) { pc.Substituters = []string{unsignedSrv.URL + "?trusted=1"} },
-			unsigned: "unsigned paths accepted from " + unsignedSrv.URL + ", which the plugin config marks trusted",
+			unsigned: "unsigned paths accepted from " + unsignedSrv.URL + "?trusted=1, which the plugin config marks trusted",
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
