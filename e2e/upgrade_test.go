@@ -20,18 +20,36 @@ import (
 // sandboxing: machines it started must survive an upgrade past it.
 const beforeHardening = "307977baa37f7b732534768b61667254123734a6"
 
-// installPlugin puts bin where the agent loads its plugin and kills the running plugin, which
-// the agent then starts again from there, recovering its tasks.
-func installPlugin(t *testing.T, bin string) {
+// placePlugin puts bin where the agent loads its plugin from; the running plugin keeps its own
+// file (a new one is renamed over it).
+func placePlugin(t *testing.T, bin string) {
 	t.Helper()
 	dst := filepath.Join(repoRoot, "build", "plugins", "nomad-driver-nixos")
 	b, err := os.ReadFile(bin)
 	must.NoError(t, err)
-	// A new file renamed over the old: the running plugin keeps its own.
 	must.NoError(t, os.WriteFile(dst+".upgrade", b, 0o755))
 	must.NoError(t, os.Rename(dst+".upgrade", dst))
+}
+
+// installPlugin places bin and kills the running plugin, which the agent then starts again from
+// there, recovering its tasks: an operator's upgrade of the plugin alone.
+func installPlugin(t *testing.T, bin string) {
+	t.Helper()
+	placePlugin(t, bin)
 	host(t, "pkill", "-KILL", "-f", "/plugins/nomad-driver-nixos$")
-	waitOutput(t, time.Minute, "healthy", func() string {
+	waitDriverHealthy(t)
+}
+
+// restartAgent restarts the agent in the test host and waits until its driver is healthy.
+func restartAgent(t *testing.T) {
+	t.Helper()
+	host(t, "systemctl", "restart", "nomad-e2e-agent.service")
+	waitDriverHealthy(t)
+}
+
+func waitDriverHealthy(t *testing.T) {
+	t.Helper()
+	waitOutput(t, 2*time.Minute, "healthy", func() string {
 		out, _ := nomadErr("node", "status", "-self", "-verbose")
 		for _, line := range strings.Split(out, "\n") {
 			if f := strings.Fields(line); len(f) >= 3 && f[0] == "nixos-nspawn" && f[1] == "true" && f[2] == "true" {
@@ -54,9 +72,21 @@ func TestUpgradeRecoversOlderMachines(t *testing.T) {
 	out, err = build.CombinedOutput()
 	must.NoError(t, err, must.Sprintf("building the plugin of %s: %s", beforeHardening, out))
 	current := filepath.Join(repoRoot, "build", "nomad-driver-nixos")
-	t.Cleanup(func() { installPlugin(t, current) })
-
-	installPlugin(t, filepath.Join(old, "build", "nomad-driver-nixos"))
+	// The old plugin knows only the options of its day: the agent runs it with the README's
+	// configuration, and goes back to the suite's own (with its caches) at the end.
+	config := filepath.Join(repoRoot, "build", "agent.hcl")
+	full, err := os.ReadFile(config)
+	must.NoError(t, err)
+	t.Cleanup(func() {
+		installPlugin(t, current)
+		must.NoError(t, os.WriteFile(config, full, 0o644))
+		restartAgent(t)
+	})
+	base, err := os.ReadFile(filepath.Join(repoRoot, "build", "agent-base.hcl"))
+	must.NoError(t, err)
+	must.NoError(t, os.WriteFile(config, base, 0o644))
+	placePlugin(t, filepath.Join(old, "build", "nomad-driver-nixos"))
+	restartAgent(t)
 	runJob(t, "e2e-upgrade", "machine.nomad.hcl", map[string]any{"toplevel": tiny(t), "type": "service"})
 	alloc := waitAlloc(t, "e2e-upgrade", time.Minute, "running", running)
 	logs := func() string { out, _ := nomadErr("alloc", "logs", alloc.ID, "t"); return out }
