@@ -76,6 +76,16 @@ func (c Cgroups) Read(path string) (Usage, error) {
 	return readV1(c.Base, path)
 }
 
+// OOMKills reads only the OOM kill counter: cheap enough to poll.
+func (c Cgroups) OOMKills(path string) (uint64, error) {
+	if c.Mode == CgroupUnified {
+		kv, err := readKeyValues(filepath.Join(c.Base, path, "memory.events"))
+		return kv["oom_kill"], err
+	}
+	kv, err := readKeyValues(filepath.Join(c.Base, "memory", path, "memory.oom_control"))
+	return kv["oom_kill"], err
+}
+
 func readV2(dir string) (Usage, error) {
 	var u Usage
 	var err error

@@ -60,6 +60,16 @@ func TestCgroupsV2_ReadOldKernel(t *testing.T) {
 	must.False(t, u.HasMaxUsage)
 }
 
+func TestCgroupsV2_OOMKills(t *testing.T) {
+	c := Cgroups{Base: "testdata/cgroupv2", Mode: CgroupUnified}
+	n, err := c.OOMKills(testCgroup)
+	must.NoError(t, err)
+	must.EqOp(t, uint64(2), n)
+
+	_, err = c.OOMKills(testCgroupOldV2)
+	must.True(t, IsGone(err), must.Sprintf("err = %v", err))
+}
+
 func TestCgroupsV1_Read(t *testing.T) {
 	for _, mode := range []CgroupMode{CgroupHybrid, CgroupLegacy} {
 		t.Run(string(mode), func(t *testing.T) {
@@ -100,6 +110,16 @@ func TestCgroupsV1_ReadNoSwap(t *testing.T) {
 	}, u)
 }
 
+func TestCgroupsV1_OOMKills(t *testing.T) {
+	c := Cgroups{Base: "testdata/cgroupv1", Mode: CgroupHybrid}
+	n, err := c.OOMKills(testCgroup)
+	must.NoError(t, err)
+	must.EqOp(t, uint64(5), n)
+
+	_, err = c.OOMKills(testCgroupNoSwap)
+	must.True(t, IsGone(err), must.Sprintf("err = %v", err))
+}
+
 func TestCgroups_Gone(t *testing.T) {
 	for _, c := range []Cgroups{
 		{Base: "testdata/cgroupv2", Mode: CgroupUnified},
@@ -109,6 +129,8 @@ func TestCgroups_Gone(t *testing.T) {
 		t.Run(string(c.Mode), func(t *testing.T) {
 			_, err := c.Read(testCgroupGone)
 			must.Error(t, err)
+			must.True(t, IsGone(err), must.Sprintf("err = %v", err))
+			_, err = c.OOMKills(testCgroupGone)
 			must.True(t, IsGone(err), must.Sprintf("err = %v", err))
 		})
 	}

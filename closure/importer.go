@@ -40,6 +40,9 @@ type Importer struct {
 
 	mu   sync.Mutex
 	busy map[string]chan struct{}
+
+	fetchedPaths atomic.Uint64
+	fetchedBytes atomic.Uint64
 }
 
 // NewImporter imports into store under policy.
@@ -49,6 +52,12 @@ func NewImporter(store Store, policy Policy) *Importer {
 
 // Store is where the importer puts paths.
 func (im *Importer) Store() Store { return im.store }
+
+// Fetched is how many paths and bytes (as transferred: compressed NARs, or NARs of export
+// streams) all imports together fetched.
+func (im *Importer) Fetched() (paths, bytes uint64) {
+	return im.fetchedPaths.Load(), im.fetchedBytes.Load()
+}
 
 // Request says which closure to import and from where.
 type Request struct {
@@ -328,6 +337,8 @@ func (im *Importer) fetch(ctx context.Context, req Request, want map[string]*can
 		res.SignedBy = append(res.SignedBy, s)
 	}
 	sort.Strings(res.SignedBy)
+	im.fetchedPaths.Add(uint64(len(list)))
+	im.fetchedBytes.Add(res.Bytes)
 	return nil
 }
 
