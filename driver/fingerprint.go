@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -89,6 +90,9 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 		problems = append(problems, fmt.Sprintf("systemd is not reachable over D-Bus: %v", err))
 	} else {
 		fp.Attributes[attrPrefix+"systemd_version"] = structs.NewStringAttribute(v)
+		if err := checkSystemdVersion(v); err != nil {
+			problems = append(problems, err.Error())
+		}
 	}
 	machined := d.mgr.MachinedReachable()
 	fp.Attributes[attrPrefix+"machined"] = structs.NewBoolAttribute(machined == nil)
@@ -104,6 +108,26 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 		fp.HealthDescription += "; warning: " + strings.Join(warnings, "; ")
 	}
 	return fp
+}
+
+// oldestSystemd is the oldest systemd the driver was tested with (README, "Tested hosts").
+const oldestSystemd = 252
+
+// checkSystemdVersion refuses a systemd older than any the driver was tested with: the unit
+// properties and nspawn options it relies on were only seen working from there on.
+func checkSystemdVersion(v string) error {
+	digits := strings.TrimLeft(v, "v")
+	if i := strings.IndexFunc(digits, func(r rune) bool { return r < '0' || r > '9' }); i >= 0 {
+		digits = digits[:i]
+	}
+	major, err := strconv.Atoi(digits)
+	if err != nil {
+		return fmt.Errorf("systemd reports version %q, which does not start with a number; the driver needs systemd %d or later", v, oldestSystemd)
+	}
+	if major < oldestSystemd {
+		return fmt.Errorf("systemd %s is older than %d, the oldest version this driver is tested with (%d on hybrid cgroups, 257 on cgroup v2); upgrade systemd, e.g. to Debian 12's or NixOS 25.05's", v, oldestSystemd, oldestSystemd)
+	}
+	return nil
 }
 
 // networkWarnings reports what keeps veth machines from reaching beyond the host: IP
