@@ -22,6 +22,7 @@ import (
 
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
+	"github.com/shoenig/test/wait"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
@@ -243,16 +244,37 @@ func TestOutboundMasquerade(t *testing.T) {
 	td.start(t, cfg)
 	waitLog(t, cfg, "longrun: started", 5*time.Minute)
 	// Debian's bash in the guest speaks HTTP over /dev/tcp.
-	const get = `exec 3<>/dev/tcp/%s/8080 && printf 'GET / HTTP/1.0\r\n\r\n' >&3 && cat <&3`
-	for server, want := range map[string]string{
-		"192.0.2.2":     "from 192.0.2.1:",
-		"2001:db8:7::2": "from [2001:db8:7::1]:",
-	} {
-		res, err := td.ExecTask(cfg.ID, []string{"/bin/bash", "-c", fmt.Sprintf(get, server)}, time.Minute)
-		must.NoError(t, err)
-		must.Eq(t, 0, res.ExitResult.ExitCode, must.Sprintf("%s: %s%s", server, res.Stdout, res.Stderr))
-		must.StrContains(t, string(res.Stdout), "\r\n\r\n"+want, must.Sprintf("%s answered %q", server, res.Stdout))
+	get := func(server string) (*drivers.ExecTaskResult, error) {
+		cmd := fmt.Sprintf(`exec 3<>/dev/tcp/%s/8080 && printf 'GET / HTTP/1.0\r\n\r\n' >&3 && timeout 10 cat <&3`, server)
+		return td.ExecTask(cfg.ID, []string{"/usr/bin/timeout", "15", "/bin/bash", "-c", cmd}, time.Minute)
 	}
+	reaches := func(t *testing.T) {
+		for server, want := range map[string]string{
+			"192.0.2.2":     "from 192.0.2.1:",
+			"2001:db8:7::2": "from [2001:db8:7::1]:",
+		} {
+			res, err := get(server)
+			must.NoError(t, err)
+			must.Eq(t, 0, res.ExitResult.ExitCode, must.Sprintf("%s: %s%s", server, res.Stdout, res.Stderr))
+			must.StrContains(t, string(res.Stdout), "\r\n\r\n"+want, must.Sprintf("%s answered %q", server, res.Stdout))
+		}
+	}
+	t.Run("masqueraded, IPv4 and IPv6", reaches)
+
+	// README, "Networking": a host firewall that filters forwarded traffic must let it through
+	// to the machines' vn-* links.
+	const fw = "nxvm_firewall"
+	run(t, "nft", "add table inet "+fw+"; add chain inet "+fw+" forward { type filter hook forward priority filter; policy drop; }")
+	t.Cleanup(func() { _ = exec.Command("nft", "delete", "table", "inet", fw).Run() })
+	t.Run("a forward policy of drop stops it", func(t *testing.T) {
+		for _, server := range []string{"192.0.2.2", "2001:db8:7::2"} {
+			res, err := get(server)
+			must.NoError(t, err)
+			must.NotEq(t, 0, res.ExitResult.ExitCode, must.Sprintf("%s answered %q through a dropping firewall", server, res.Stdout))
+		}
+	})
+	run(t, "nft", `add rule inet `+fw+` forward iifname "vn-*" accept; add rule inet `+fw+` forward oifname "vn-*" ct state established,related accept`)
+	t.Run("and accepting the vn-* links lets it through", reaches)
 }
 
 // serveInNetns answers HTTP on port 8080 (IPv4 and IPv6) in network namespace ns with the
@@ -290,4 +312,62 @@ func TestCgroupV2Fingerprint(t *testing.T) {
 	must.SliceLen(t, 3, fields[:3])
 	must.StrHasPrefix(t, fields[1], version, must.Sprintf("systemctl --version: %v", fields[:3]))
 	must.NoError(t, checkSystemdVersion(version))
+}
+
+// A machine on Nomad's shared cores follows the share partition's cpuset as other tasks reserve
+// cores and give them back. Nomad's partition is played by cgroups this test makes, written as
+// Nomad's client writes nomad.slice/share.slice.
+func TestCgroupV2SharedCoresFollowNomad(t *testing.T) {
+	requireCgroupV2(t)
+	if runtime.NumCPU() < 2 {
+		t.Fatalf("needs two CPUs to reserve one, has %d", runtime.NumCPU())
+	}
+	root := "/sys/fs/cgroup/nxvm-nomad"
+	share := filepath.Join(root, "share")
+	scope := filepath.Join(share, "task")
+	write := func(file, v string) {
+		t.Helper()
+		must.NoError(t, os.WriteFile(file, []byte(v), 0o644), must.Sprint(file))
+	}
+	write("/sys/fs/cgroup/cgroup.subtree_control", "+cpuset")
+	for _, d := range []string{root, share, scope} {
+		must.NoError(t, os.Mkdir(d, 0o755))
+	}
+	t.Cleanup(func() {
+		for _, d := range []string{scope, share, root} {
+			_ = os.Remove(d)
+		}
+	})
+	write(filepath.Join(root, "cgroup.subtree_control"), "+cpuset")
+	write(filepath.Join(share, "cgroup.subtree_control"), "+cpuset")
+	all := cgValue(t, "/sys/fs/cgroup", "cpuset.cpus.effective")
+	write(filepath.Join(share, "cpuset.cpus"), all)
+
+	td := newTestDriver(t, "")
+	cfg := td.newTask(t, "shared", tinyToplevel(t), nil, func(c *drivers.TaskConfig, _ *TaskConfig) {
+		c.Resources.LinuxResources.CpusetCgroupPath = scope
+	})
+	td.start(t, cfg)
+	waitLog(t, cfg, "tinyinit: ready", time.Minute)
+	dir := unitCgroup(t, cfg)
+	leader, err := td.d.mgr.Leader(mustMachine(t, cfg))
+	must.NoError(t, err)
+	follows := func(cpus string) {
+		t.Helper()
+		must.Wait(t, wait.InitialSuccess(
+			wait.BoolFunc(func() bool {
+				status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", leader))
+				return cgValue(t, dir, "cpuset.cpus") == cpus &&
+					strings.Contains(string(status), "Cpus_allowed_list:\t"+cpus+"\n")
+			}),
+			wait.Timeout(scaled(30*time.Second)), wait.Gap(200*time.Millisecond),
+		), must.Sprintf("the machine's cpuset is %q, not %q", cgValue(t, dir, "cpuset.cpus"), cpus))
+	}
+	follows(all)
+	// Another task reserves core 1: Nomad shrinks the share partition.
+	write(filepath.Join(share, "cpuset.cpus"), "0")
+	follows("0")
+	// And gives it back.
+	write(filepath.Join(share, "cpuset.cpus"), all)
+	follows(all)
 }
