@@ -58,12 +58,14 @@ integration: testhost-ready
 VM_TESTS := TestCgroupV2.*|TestOutboundMasquerade|TestExitCodes|TestStop|TestOOMKilled|TestFingerprint|TestCyclesLeaveNothing
 vm: build
 	e2e/fixtures/build.sh
+	e2e/nomad/build.sh >/dev/null
 	CGO_ENABLED=0 $(GO) test -c -tags integration -o $(BUILD)/driver.integration.test ./driver
 	$(VMHOST) up
 	@set -a; . $(FIXTURES_ENV); set +a; \
 	echo "== integration tests of driver (in the cgroup v2 VM host): $(VM_TESTS)"; \
 	start=$$(date +%s); \
-	(cd driver && NIXOS_NSPAWN_REQUIRE_CGROUP_V2=1 NIXOS_NSPAWN_TEST_TIME_SCALE=5 $(CURDIR)/$(VMHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+	(cd driver && NIXOS_NSPAWN_REQUIRE_CGROUP_V2=1 NIXOS_NSPAWN_TEST_TIME_SCALE=5 \
+		NIXOS_NSPAWN_NOMAD=$$($(CURDIR)/e2e/nomad/build.sh) NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(CURDIR)/$(VMHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.v -test.count=1 -test.timeout=40m -test.run '^($(VM_TESTS))$$'); rc=$$?; \
 	echo "== VM suite: $$(( $$(date +%s) - start ))s, exit $$rc"; \
 	$(VMHOST) down; exit $$rc

@@ -15,8 +15,8 @@
 #   vmhost.sh status    exit 0 if it is running and set up
 #
 # Everything in it comes from Debian's archive: a debootstrapped tree (NIXOS_NSPAWN_VM_SUITE,
-# default trixie: systemd 257) with Debian's kernel and initramfs. The checkout (read-only) and
-# the fixtures' closures directory appear at the same paths as here, over virtio-9p; the
+# default trixie: systemd 257) with Debian's kernel and initramfs. The checkout and the cache
+# directory (fixtures, the Nomad agent) appear read-only at the same paths as here, over virtio-9p; the
 # closures of the fixture toplevels named in fixtures.env are in the VM's own Nix store, on a
 # second disk. Both disks are cached images the VM never writes to (QEMU's -snapshot).
 set -euo pipefail
@@ -161,7 +161,7 @@ boot() {
 			-drive "file=$NIX_DIR/nix.img,if=virtio,format=raw" \
 			-nic "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:$port-:22" \
 			-virtfs "local,path=$SHARE_DIR,mount_tag=repo,security_model=none,readonly=on" \
-			-virtfs "local,path=$CACHE_DIR/fixtures,mount_tag=fixtures,security_model=none,readonly=on" \
+			-virtfs "local,path=$CACHE_DIR,mount_tag=cache,security_model=none,readonly=on" \
 			-daemonize -pidfile "$RUN_DIR/qemu.pid" 2>"$RUN_DIR/qemu.err" {LOCK_FD}>&-; then
 			return 0
 		fi
@@ -190,9 +190,9 @@ wait_boot() {
 # The shares at the paths they have here, and checks that this is the host the tests need.
 setup() {
 	guest "set -e; modprobe 9pnet_virtio
-		mkdir -p $(printf %q "$SHARE_DIR") $(printf %q "$CACHE_DIR/fixtures")
+		mkdir -p $(printf %q "$SHARE_DIR") $(printf %q "$CACHE_DIR")
 		mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 repo $(printf %q "$SHARE_DIR")
-		mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 fixtures $(printf %q "$CACHE_DIR/fixtures")"
+		mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 cache $(printf %q "$CACHE_DIR")"
 	[[ $(guest stat -fc %T /sys/fs/cgroup) == cgroup2fs ]] || die "the VM's /sys/fs/cgroup is not cgroup v2"
 	local c controllers
 	controllers=$(guest cat /sys/fs/cgroup/cgroup.controllers)
@@ -247,7 +247,7 @@ cmd_down() {
 # exec CMD...: CMD in the VM, in the caller's directory when the shared checkout has it.
 cmd_exec() {
 	local wd=/ v remote
-	[[ $PWD == "$SHARE_DIR" || $PWD == "$SHARE_DIR"/* || $PWD == "$CACHE_DIR/fixtures"* ]] && wd=$PWD
+	[[ $PWD == "$SHARE_DIR" || $PWD == "$SHARE_DIR"/* || $PWD == "$CACHE_DIR" || $PWD == "$CACHE_DIR"/* ]] && wd=$PWD
 	remote="cd $(printf %q "$wd") && exec env"
 	while IFS= read -r v; do
 		remote+=" $(printf %q "$v=${!v}")"
