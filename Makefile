@@ -4,6 +4,7 @@ GO ?= go
 BUILD := build
 PLUGIN := $(BUILD)/nomad-driver-nixos
 TESTHOST := e2e/testhost/testhost.sh
+VMHOST := e2e/vmhost/vmhost.sh
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 FIXTURES_ENV := $(or $(NIXOS_NSPAWN_CACHE),/var/cache/nomad-driver-nixos)/fixtures.env
 # Packages that hold test binaries run inside the systemd test host.
@@ -12,7 +13,7 @@ INTEGRATION_PKGS := closure driver
 # copied where the test host sees it.
 RCLONE := $(BUILD)/rclone
 
-.PHONY: all build helper rclone lint unit testhost-ready integration nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
+.PHONY: all build helper rclone lint unit testhost-ready integration vm nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
 
 all: build
 
@@ -57,6 +58,27 @@ integration: testhost-ready
 		(cd $$p && $(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/$$p.integration.test -test.v -test.count=1 -test.timeout=30m) || exit 1; \
 	done
 
+# What only a real kernel on the unified cgroup v2 hierarchy shows, with Debian 13's systemd 257,
+# in a QEMU VM (e2e/vmhost). QEMU emulates the CPU there (TCG), 20-30 times slower than native,
+# so the VM runs only these tests, not the whole integration suite.
+VM_TESTS := TestCgroupV2.*|TestOutboundMasquerade|TestExitCodes|TestStop|TestStopContract|TestOOMKilled|TestFingerprint|TestCyclesLeaveNothing
+# The systemd fixture (Debian 12's systemd 252 as the guest) never finishes a poweroff under the
+# VM's systemd-nspawn 257: see the README's known limitations.
+VM_SKIP := ^TestStop$$/^orderly_shutdown_of_a_systemd_guest$$
+vm: build
+	e2e/fixtures/build.sh
+	e2e/nomad/build.sh >/dev/null
+	CGO_ENABLED=0 $(GO) test -c -tags integration -o $(BUILD)/driver.integration.test ./driver
+	$(VMHOST) up
+	@set -a; . $(FIXTURES_ENV); set +a; \
+	echo "== integration tests of driver (in the cgroup v2 VM host): $(VM_TESTS)"; \
+	start=$$(date +%s); \
+	(cd driver && NIXOS_NSPAWN_REQUIRE_CGROUP_V2=1 NIXOS_NSPAWN_TEST_TIME_SCALE=5 \
+		NIXOS_NSPAWN_NOMAD=$$($(CURDIR)/e2e/nomad/build.sh) NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(CURDIR)/$(VMHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+		-test.v -test.count=1 -test.timeout=40m -test.run '^($(VM_TESTS))$$' -test.skip '$(VM_SKIP)'); rc=$$?; \
+	echo "== VM suite: $$(( $$(date +%s) - start ))s, exit $$rc"; \
+	$(VMHOST) down; exit $$rc
+
 # A real Nomad v1.11.3 agent (built from source, cached) runs the driver inside the test host; the
 # tests talk to it only through the nomad CLI and the HTTP API.
 e2e: testhost-ready
@@ -76,7 +98,7 @@ e2e-cluster: build
 	e2e/cluster/cluster.sh up
 	e2e/cluster/cluster.sh test; rc=$$?; e2e/cluster/cluster.sh down; exit $$rc
 
-test: lint unit integration nix-parse e2e e2e-cluster
+test: lint unit integration vm nix-parse e2e e2e-cluster
 
 # From nothing to a NixOS-style machine under a Nomad agent; see the README.
 demo:
@@ -90,6 +112,7 @@ testhost-down:
 
 clean: testhost-down
 	e2e/cluster/cluster.sh down
+	$(VMHOST) down
 	rm -rf $(BUILD) $(CONSOLE_HELPER)
 
 # Start-to-READY through the driver vs bare systemd-run + nspawn, the closure view's cost, console

@@ -152,7 +152,7 @@ func TestStop(t *testing.T) {
 		must.NoError(t, td.StopTask(cfg.ID, time.Minute, ""))
 		res := td.waitExit(t, cfg.ID, time.Minute)
 		must.NoError(t, res.Err)
-		must.Eq(t, 0, res.ExitCode)
+		must.Eq(t, 0, res.ExitCode, must.Sprintf("console:\n%s", logs(t, cfg)))
 		must.Eq(t, 0, res.Signal)
 	})
 	t.Run("a guest that ignores the signal is killed after the timeout", func(t *testing.T) {

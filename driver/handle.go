@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -201,6 +202,46 @@ func (h *taskHandle) observe(ctx context.Context, st nspawn.UnitStatus) {
 	}
 	if firstCgroup {
 		go h.watchOOM(ctx, st.ControlGroup)
+		go h.followSharedCPUs(ctx)
+	}
+}
+
+// sharedCPUsPeriod is how often a machine without reserved cores catches up with the cores
+// Nomad shares between tasks.
+const sharedCPUsPeriod = 3 * time.Second
+
+// followSharedCPUs keeps a machine without reserved cores off the cores other tasks reserved.
+// Nomad keeps its share partition's cpuset up to date (cpuset.cpus.effective of the task's cgroup
+// below nomad.slice/share.slice); the machine runs under the driver's slice instead, so its
+// AllowedCPUs follow that cpuset. systemd applies AllowedCPUs on cgroup v2 only.
+func (h *taskHandle) followSharedCPUs(ctx context.Context) {
+	lr := h.taskConfig.Resources.LinuxResources
+	if h.cgroups.Mode != cgroupfs.CgroupUnified || lr == nil || lr.CpusetCgroupPath == "" || reservedCPUs(lr) != "" {
+		return
+	}
+	source := filepath.Join(lr.CpusetCgroupPath, "cpuset.cpus.effective")
+	var applied string
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-h.doneCh:
+			return
+		case <-t.C:
+			t.Reset(sharedCPUsPeriod)
+		}
+		b, err := os.ReadFile(source)
+		cpus := strings.TrimSpace(string(b))
+		if err != nil || cpus == "" || cpus == applied {
+			continue
+		}
+		if err := h.m.mgr.SetAllowedCPUs(ctx, nspawn.UnitName(h.m.name), cpus); err != nil {
+			h.logger.Warn("cannot follow the cores Nomad shares", "cpus", cpus, "error", err)
+			continue
+		}
+		applied = cpus
 	}
 }
 

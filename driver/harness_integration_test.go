@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -47,6 +48,15 @@ func fixture(t *testing.T, name string) string {
 		t.Fatalf("%s is not set: run the integration tests through `make test`", name)
 	}
 	return p
+}
+
+// scaled stretches a wait (and the default ready_timeout) by NIXOS_NSPAWN_TEST_TIME_SCALE, for
+// hosts far slower than the test host, such as the emulated VM host (make vm sets it).
+func scaled(d time.Duration) time.Duration {
+	if f, err := strconv.ParseFloat(os.Getenv("NIXOS_NSPAWN_TEST_TIME_SCALE"), 64); err == nil && f >= 1 {
+		return time.Duration(float64(d) * f)
+	}
+	return d
 }
 
 func tinyToplevel(t *testing.T) string    { return fixture(t, "NIXOS_NSPAWN_TINY_TOPLEVEL") }
@@ -140,7 +150,7 @@ func (td *testDriver) newTask(t *testing.T, name, toplevel string, initArgs []st
 			LinuxResources: &drivers.LinuxResources{MemoryLimitBytes: 256 << 20, CPUShares: 100},
 		},
 	}
-	tc := TaskConfig{Toplevel: toplevel, InitArgs: initArgs, ReadyTimeout: "60s", PrivateUsers: "pick", RebootPolicy: "exit"}
+	tc := TaskConfig{Toplevel: toplevel, InitArgs: initArgs, ReadyTimeout: scaled(time.Minute).String(), PrivateUsers: "pick", RebootPolicy: "exit"}
 	for _, o := range opts {
 		o(cfg, &tc)
 	}
@@ -168,6 +178,7 @@ func (td *testDriver) machineDir(t *testing.T, cfg *drivers.TaskConfig) string {
 
 func (td *testDriver) waitExit(t *testing.T, taskID string, timeout time.Duration) *drivers.ExitResult {
 	t.Helper()
+	timeout = scaled(timeout)
 	ch, err := td.WaitTask(context.Background(), taskID)
 	must.NoError(t, err)
 	select {
@@ -194,6 +205,7 @@ func logs(t *testing.T, cfg *drivers.TaskConfig) string {
 // waitLog waits until the task's log contains want.
 func waitLog(t *testing.T, cfg *drivers.TaskConfig, want string, timeout time.Duration) {
 	t.Helper()
+	timeout = scaled(timeout)
 	err := wait.InitialSuccess(
 		wait.BoolFunc(func() bool { return strings.Contains(logs(t, cfg), want) }),
 		wait.Timeout(timeout), wait.Gap(100*time.Millisecond),
@@ -206,6 +218,7 @@ func waitLog(t *testing.T, cfg *drivers.TaskConfig, want string, timeout time.Du
 // waitEvent waits for a task event whose message contains want.
 func waitEvent(t testing.TB, events <-chan *drivers.TaskEvent, taskID, want string, timeout time.Duration) {
 	t.Helper()
+	timeout = scaled(timeout)
 	deadline := time.After(timeout)
 	for {
 		select {

@@ -110,7 +110,9 @@ func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nsp
 	if err := os.WriteFile(filepath.Join(spec.Root, "etc", "resolv.conf"), resolvConf(cfg.DNS, spec.Network.Mode), 0o644); err != nil {
 		return nspawn.UnitStatus{}, fmt.Errorf("writing the machine's resolv.conf: %w", err)
 	}
-	if link != nil && len(link.forwards) > 0 {
+	// The table also holds the masquerading of the machines' own outbound traffic, which a
+	// machine without port forwards needs as much.
+	if link != nil {
 		if err := hostnet.AddForwards(m.name, link.pools, link.forwards); err != nil {
 			return nspawn.UnitStatus{}, err
 		}

@@ -133,12 +133,18 @@ func resources(r *drivers.Resources, tasksMax int64) nspawn.Resources {
 		out.MemoryMaxBytes = uint64(mem.MemoryMB) * mib
 	}
 	out.CPUWeight = cpuWeight(r.NomadResources.Cpu.CpuShares)
-	// Only reserved cores pin a task: the shared cpuset changes whenever another task reserves
-	// cores, and a unit pinned to a stale copy would compete with them.
-	if lr := r.LinuxResources; lr != nil && lr.CpusetCpus != "" && strings.Contains(lr.CpusetCgroupPath, "reserve") {
-		out.AllowedCPUs = lr.CpusetCpus
-	}
+	// Reserved cores pin a task from its start; a task on the shared cores follows Nomad's share
+	// partition as it changes (followSharedCPUs).
+	out.AllowedCPUs = reservedCPUs(r.LinuxResources)
 	return out
+}
+
+// reservedCPUs are the task's reserved cores, "" for a task on Nomad's shared cores.
+func reservedCPUs(lr *drivers.LinuxResources) string {
+	if lr != nil && lr.CpusetCpus != "" && strings.Contains(lr.CpusetCgroupPath, "reserve") {
+		return lr.CpusetCpus
+	}
+	return ""
 }
 
 // cpuWeight converts cgroup v1 CPU shares (what Nomad's cpu MHz become) to a cgroup v2 weight with

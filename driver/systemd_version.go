@@ -9,6 +9,10 @@ import (
 	"strings"
 )
 
+// oldestSystemd is the oldest systemd the driver was tested with (README, "Tested hosts"): the
+// unit properties and nspawn options it relies on were only seen working from there on.
+const oldestSystemd = 252
+
 // systemdAdvisory is a systemd flaw that the driver's own settings do not neutralise, with the
 // versions that have it: from the first affected major on, each later major up to fixedMajor is
 // fixed in the point release fixedIn gives, or not at all when it has none.
@@ -29,16 +33,16 @@ var systemdAdvisories = []systemdAdvisory{{
 	fixedIn:    map[int]int{258: 5, 259: 2},
 }}
 
-// systemdVersion parses the version systemd reports ("252.39-1~deb12u1", "257.9", "258") into its
-// major version and point release.
+// systemdVersion parses the version systemd reports ("252.39-1~deb12u1", "257.9", "v260~rc1")
+// into its major version and point release.
 func systemdVersion(v string) (major, point int, err error) {
-	num := v
-	if i := strings.IndexFunc(v, func(r rune) bool { return r != '.' && (r < '0' || r > '9') }); i >= 0 {
-		num = v[:i]
+	num := strings.TrimPrefix(v, "v")
+	if i := strings.IndexFunc(num, func(r rune) bool { return r != '.' && (r < '0' || r > '9') }); i >= 0 {
+		num = num[:i]
 	}
 	maj, pt, _ := strings.Cut(num, ".")
 	if major, err = strconv.Atoi(maj); err != nil {
-		return 0, 0, fmt.Errorf("systemd version %q: no major version", v)
+		return 0, 0, fmt.Errorf("systemd reports version %q, which does not start with a number; the driver needs systemd %d or later", v, oldestSystemd)
 	}
 	if pt != "" {
 		p, _, _ := strings.Cut(pt, ".")
@@ -54,6 +58,9 @@ func systemdProblem(v string) string {
 	major, point, err := systemdVersion(v)
 	if err != nil {
 		return err.Error()
+	}
+	if major < oldestSystemd {
+		return fmt.Sprintf("systemd %s is older than %d, the oldest version this driver is tested with (%d on hybrid cgroups, 257 on cgroup v2); upgrade systemd, e.g. to Debian 12's or NixOS 25.05's", v, oldestSystemd, oldestSystemd)
 	}
 	for _, a := range systemdAdvisories {
 		if major < a.firstMajor || major >= a.fixedMajor {

@@ -119,6 +119,23 @@ func (m *Manager) StartUnit(ctx context.Context, unit string, props []sddbus.Pro
 	return nil
 }
 
+// SetAllowedCPUs changes the CPUs the unit may run on (a cpuset list such as "0-2,5") for as long
+// as it runs.
+func (m *Manager) SetAllowedCPUs(ctx context.Context, unit, cpus string) error {
+	mask, err := CPUMask(cpus)
+	if err != nil {
+		return err
+	}
+	c, err := m.sd()
+	if err != nil {
+		return err
+	}
+	if err := c.SetUnitPropertiesContext(ctx, unit, true, prop("AllowedCPUs", mask)); err != nil {
+		return fmt.Errorf("setting AllowedCPUs=%s on unit %s: %w", cpus, unit, err)
+	}
+	return nil
+}
+
 // Status reads the unit's state. A unit systemd does not know has LoadState "not-found".
 func (m *Manager) Status(ctx context.Context, unit string) (UnitStatus, error) {
 	c, err := m.sd()

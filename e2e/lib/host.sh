@@ -51,6 +51,56 @@ debian_mirror() {
 	echo "$uri"
 }
 
+# cached_build DEST STAMP VERSION BUILD: make DEST with "BUILD TMPDIR" unless DEST/STAMP holds
+# VERSION already. Builds are serialised by DEST's lock file (.NAME.lock beside it, which readers
+# may hold shared) and swapped in whole, so a half-built tree never carries the stamp.
+cached_build() {
+	local dest=$1 stamp=$2 version=$3 build=$4 fd
+	if [[ -f $dest/$stamp && $(cat "$dest/$stamp") == "$version" ]]; then return 0; fi
+	local parent name
+	parent=$(dirname "$dest") name=$(basename "$dest")
+	mkdir -p "$parent"
+	exec {fd}>"$parent/.$name.lock"
+	flock "$fd"
+	if [[ -f $dest/$stamp && $(cat "$dest/$stamp") == "$version" ]]; then
+		exec {fd}>&-
+		return 0
+	fi
+	local tmp=$parent/.$name.tmp.$$
+	rm -rf "$tmp" "$parent/.$name".tmp.* "$parent/.$name.old"
+	if ! "$build" "$tmp"; then
+		rm -rf "$tmp"
+		exec {fd}>&-
+		die "building $dest failed"
+	fi
+	echo "$version" >"$tmp/$stamp"
+	if [[ -e $dest ]]; then mv "$dest" "$parent/.$name.old"; fi
+	mv "$tmp" "$dest"
+	rm -rf "$parent/.$name.old"
+	exec {fd}>&-
+}
+
+# debootstrap_tree DIR SUITE INCLUDE LOG [EXTRA...]: a minbase Debian SUITE with INCLUDE in DIR,
+# then EXTRA installed by apt in a chroot (packages whose dependencies fail debootstrap's own
+# configure pass); no apt caches or lists left in it.
+debootstrap_tree() {
+	local dir=$1 suite=$2 include=$3 logf=$4
+	shift 4
+	log "debootstrap $suite into $dir (a minute or more)"
+	if ! debootstrap --variant=minbase --include="$include" "$suite" "$dir" "$(debian_mirror)" >"$logf" 2>&1; then
+		tail -n 20 "$logf" >&2
+		log "debootstrap failed (log: $logf)"
+		return 1
+	fi
+	if (($# > 0)) && ! chroot "$dir" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		"$@" >>"$logf" 2>&1; then
+		tail -n 20 "$logf" >&2
+		log "installing $* failed (log: $logf)"
+		return 1
+	fi
+	rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
+}
+
 # One holder of FILE at a time; the descriptor stays in LOCK_FD, which booted hosts must not keep.
 lock() {
 	exec {LOCK_FD}>"$1"

@@ -41,36 +41,10 @@ ROOTFS_VERSION="v2 $SUITE minbase $INCLUDE ${EXTRA_PACKAGES[*]}"
 BOOT_TIMEOUT=${NIXOS_NSPAWN_TESTHOST_BOOT_TIMEOUT:-90}
 PACKAGES=(systemd-container debootstrap busybox-static nix-bin e2fsprogs util-linux iproute2)
 
-ensure_rootfs() {
-	if [[ -f $ROOTFS/.testhost-version && $(cat "$ROOTFS/.testhost-version") == "$ROOTFS_VERSION" ]]; then
-		return 0
-	fi
-	mkdir -p "$CACHE_DIR"
-	# Serialise builds (build.sh may ask for the rootfs while up runs).
-	local lock_fd
-	exec {lock_fd}>"$CACHE_DIR/.testhost-rootfs.lock"
-	flock "$lock_fd"
-	if [[ -f $ROOTFS/.testhost-version && $(cat "$ROOTFS/.testhost-version") == "$ROOTFS_VERSION" ]]; then
-		exec {lock_fd}>&-
-		return 0
-	fi
-	local tmp="$CACHE_DIR/.testhost-rootfs.tmp.$$"
-	rm -rf "$tmp" "$CACHE_DIR"/.testhost-rootfs.tmp.* "$CACHE_DIR"/.testhost-rootfs.old
-	log "debootstrap $SUITE into $tmp (about a minute)"
-	if ! debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$tmp" "$(debian_mirror)" \
-		>"$CACHE_DIR/debootstrap.log" 2>&1; then
-		tail -n 20 "$CACHE_DIR/debootstrap.log" >&2
-		rm -rf "$tmp"
-		die "debootstrap failed (log: $CACHE_DIR/debootstrap.log)"
-	fi
-	if ! chroot "$tmp" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		"${EXTRA_PACKAGES[@]}" >>"$CACHE_DIR/debootstrap.log" 2>&1; then
-		tail -n 20 "$CACHE_DIR/debootstrap.log" >&2
-		rm -rf "$tmp"
-		die "installing ${EXTRA_PACKAGES[*]} failed (log: $CACHE_DIR/debootstrap.log)"
-	fi
-	# Keep the image small and boot quiet: no docs, no apt lists.
-	rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*
+# The host's tree, after debootstrap_tree.
+customize_rootfs() {
+	local tmp=$1 u
+	debootstrap_tree "$tmp" "$SUITE" "$INCLUDE" "$CACHE_DIR/debootstrap.log" "${EXTRA_PACKAGES[@]}" || return 1
 	echo nixos-testhost >"$tmp/etc/hostname"
 	# The driver runs nix-store in here: Nix gets its settings from this file, not from defaults
 	# that name a nixbld group Debian's nix-bin never creates.
@@ -78,18 +52,14 @@ ensure_rootfs() {
 	printf '%s\n' '# Written by e2e/testhost/testhost.sh.' 'build-users-group =' >"$tmp/etc/nix/nix.conf"
 	: >"$tmp/etc/machine-id"
 	# Units that only fail or wait for hardware inside a container.
-	local u
 	for u in systemd-networkd-wait-online.service getty@tty1.service console-getty.service \
 		systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer; do
 		ln -sf /dev/null "$tmp/etc/systemd/system/$u"
 	done
-	echo "$ROOTFS_VERSION" >"$tmp/.testhost-version"
-	# Atomic swap: a half-built tree never carries the stamp under the final name.
-	if [[ -e $ROOTFS ]]; then mv "$ROOTFS" "$CACHE_DIR/.testhost-rootfs.old"; fi
-	mv "$tmp" "$ROOTFS"
-	rm -rf "$CACHE_DIR/.testhost-rootfs.old"
-	exec {lock_fd}>&-
 }
+
+# Build (cached) the rootfs; build.sh may ask for it while up runs, hence the lock in cached_build.
+ensure_rootfs() { cached_build "$ROOTFS" .testhost-version "$ROOTFS_VERSION" customize_rootfs; }
 
 is_running() { host_running "$RUN_DIR"; }
 is_ready() { is_running && [[ -f $RUN_DIR/ready ]]; }
