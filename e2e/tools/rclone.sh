@@ -10,44 +10,27 @@
 #   NIXOS_NSPAWN_CACHE   cache root (default /var/cache/nomad-driver-nixos)
 set -euo pipefail
 
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+LOG_TAG=rclone-build
+# shellcheck source-path=SCRIPTDIR source=../lib/host.sh
+. "$REPO_ROOT/e2e/lib/host.sh"
+
 RCLONE_VERSION=v1.76.0
-
 CACHE_DIR=${NIXOS_NSPAWN_CACHE:-/var/cache/nomad-driver-nixos}
-OUT_DIR=$CACHE_DIR/tools
-BIN=$OUT_DIR/rclone-$RCLONE_VERSION
+DIR=$CACHE_DIR/tools/rclone-$RCLONE_VERSION.d
 
-log() { echo "rclone-build: $*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# A build from the module (not a release) calls itself vX.Y.Z-DEV.
-is_built() {
-	local out
-	[[ -x $BIN ]] && out=$("$BIN" version 2>/dev/null) && [[ ${out%%$'\n'*} == "rclone $RCLONE_VERSION"* ]]
+build_rclone() {
+	local out=$1 start=$SECONDS
+	mkdir -p "$out"
+	log "building github.com/rclone/rclone@$RCLONE_VERSION (several minutes of CPU, once)"
+	# GOBIN outside any module: the project's go.mod plays no part. -p 1 leaves a core to others.
+	(cd "$out" && CGO_ENABLED=0 GOBIN="$out" GOFLAGS=-mod=mod go install -p 1 -trimpath -ldflags '-s -w' \
+		"github.com/rclone/rclone@$RCLONE_VERSION") || return 1
+	log "built in $((SECONDS - start))s"
+	# A build from the module (not a release) calls itself vX.Y.Z-DEV.
+	[[ $("$out/rclone" version 2>/dev/null | head -n1) == "rclone $RCLONE_VERSION"* ]]
 }
 
-if is_built; then
-	echo "$BIN"
-	exit 0
-fi
-
 command -v go >/dev/null || die "go is not in PATH"
-mkdir -p "$OUT_DIR"
-# Parallel callers must not build twice into one place.
-exec {lock_fd}>"$OUT_DIR/.rclone.lock"
-flock "$lock_fd"
-if is_built; then
-	echo "$BIN"
-	exit 0
-fi
-
-work=$(mktemp -d "$OUT_DIR/.rclone.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-log "building github.com/rclone/rclone@$RCLONE_VERSION (several minutes of CPU, once)"
-start=$SECONDS
-# GOBIN outside any module: the project's go.mod plays no part. -p 1 leaves a core to others.
-(cd "$work" && CGO_ENABLED=0 GOBIN="$work" GOFLAGS=-mod=mod go install -p 1 -trimpath -ldflags '-s -w' \
-	"github.com/rclone/rclone@$RCLONE_VERSION") || die "go install failed"
-log "built in $((SECONDS - start))s"
-mv -f "$work/rclone" "$BIN"
-is_built || die "$BIN does not report rclone $RCLONE_VERSION"
-echo "$BIN"
+cached_build "$DIR" .version "$RCLONE_VERSION" build_rclone
+echo "$DIR/rclone"
