@@ -107,6 +107,9 @@ func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nsp
 	if err := nspawn.PrepareRoot(spec.Root); err != nil {
 		return nspawn.UnitStatus{}, err
 	}
+	if err := nspawn.WriteMountDropins(spec.Root, spec.GuestMounts()); err != nil {
+		return nspawn.UnitStatus{}, err
+	}
 	if err := os.WriteFile(filepath.Join(spec.Root, "etc", "resolv.conf"), resolvConf(cfg.DNS, spec.Network.Mode), 0o644); err != nil {
 		return nspawn.UnitStatus{}, fmt.Errorf("writing the machine's resolv.conf: %w", err)
 	}

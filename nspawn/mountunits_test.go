@@ -1,0 +1,33 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+package nspawn
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/shoenig/test/must"
+)
+
+func TestGuestMounts(t *testing.T) {
+	s := Spec{
+		Store: StoreView{
+			Paths: []string{"abc-hello", "def-link"},
+			Links: map[string]string{"def-link": "abc-hello"},
+		},
+		Binds: []Bind{{Source: "/a", Dest: "/alloc"}, {Source: "/a/logs", Dest: "/alloc/logs", ReadOnly: true}},
+	}
+	must.Eq(t, []string{"/nix/store", "/nix/store/abc-hello", "/alloc", "/alloc/logs"}, s.GuestMounts())
+}
+
+func TestWriteMountDropins(t *testing.T) {
+	root := t.TempDir()
+	must.NoError(t, WriteMountDropins(root, []string{"/nix/store/abc-hello", "/alloc/logs", "/local"}))
+	for _, unit := range []string{`nix-store-abc\x2dhello.mount`, "alloc-logs.mount", "local.mount"} {
+		b, err := os.ReadFile(filepath.Join(root, "etc/systemd/system.control", unit+".d", "50-nomad-driver-nixos.conf"))
+		must.NoError(t, err, must.Sprint(unit))
+		must.StrContains(t, string(b), "[Unit]\nDefaultDependencies=no\n")
+	}
+}
