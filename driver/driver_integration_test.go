@@ -145,19 +145,24 @@ func TestReadyEventAndTimeout(t *testing.T) {
 
 func TestStop(t *testing.T) {
 	td := newTestDriver(t, "")
-	t.Run("orderly shutdown of a systemd guest", func(t *testing.T) {
-		cfg := td.newTask(t, "stopsd", systemdToplevel(t), nil)
-		td.start(t, cfg)
-		waitLog(t, cfg, "longrun: started", 2*time.Minute)
-		must.NoError(t, td.StopTask(cfg.ID, time.Minute, ""))
-		res := td.waitExit(t, cfg.ID, time.Minute)
-		must.NoError(t, res.Err)
-		must.Eq(t, 0, res.ExitCode, must.Sprintf("console:\n%s", logs(t, cfg)))
-		must.Eq(t, 0, res.Signal)
-		// The driver's binds are locked in the guest; unmounting them fails and, under
-		// nspawn 257, loops until the kill.
-		must.StrNotContains(t, logs(t, cfg), "Failed unmounting")
-	})
+	for _, guest := range []struct{ name, toplevel string }{
+		{"systemd guest", systemdToplevel(t)},
+		{"systemd 257 guest", fixture(t, "NIXOS_NSPAWN_SYSTEMD257_TOPLEVEL")},
+	} {
+		t.Run("orderly shutdown of a "+guest.name, func(t *testing.T) {
+			cfg := td.newTask(t, "stopsd", guest.toplevel, nil)
+			td.start(t, cfg)
+			waitLog(t, cfg, "longrun: started", 2*time.Minute)
+			must.NoError(t, td.StopTask(cfg.ID, time.Minute, ""))
+			res := td.waitExit(t, cfg.ID, time.Minute)
+			must.NoError(t, res.Err)
+			must.Eq(t, 0, res.ExitCode, must.Sprintf("console:\n%s", logs(t, cfg)))
+			must.Eq(t, 0, res.Signal)
+			// The driver's binds are locked in the guest; unmounting them fails and, under
+			// nspawn 257, loops until the kill.
+			must.StrNotContains(t, logs(t, cfg), "Failed unmounting")
+		})
+	}
 	t.Run("a guest that ignores the signal is killed after the timeout", func(t *testing.T) {
 		cfg := td.newTask(t, "stubborn", tinyToplevel(t), []string{"ignore-stop"})
 		td.start(t, cfg)

@@ -37,6 +37,8 @@ func PrepareRoot(root string) (err error) {
 		{"usr", 0o755}, {"etc", 0o755}, {"var", 0o755}, {"var/lib", 0o755},
 		{"var/lib/private", 0o700}, {"root", 0o700}, {"nix", 0o755}, {"nix/var", 0o755},
 		{"nix/var/nix", 0o755},
+		// The machine's /tmp is this directory, not a tmpfs of nspawn's: see UnitProperties.
+		{"tmp", 0o777 | fs.ModeSticky},
 	} {
 		if err := os.Mkdir(filepath.Join(root, d.path), d.mode); err != nil {
 			return err

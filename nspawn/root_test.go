@@ -5,6 +5,7 @@ package nspawn
 
 import (
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -33,6 +34,9 @@ func TestPrepareRoot(t *testing.T) {
 		"nix/var":         0o755,
 		"nix/var/nix":     0o755,
 	}
+	fi, err := os.Lstat(filepath.Join(root, "tmp"))
+	must.NoError(t, err)
+	must.EqOp(t, 0o777|fs.ModeSticky|fs.ModeDir, fi.Mode())
 	for rel, mode := range dirs {
 		fi, err := os.Lstat(filepath.Join(root, rel))
 		must.NoError(t, err)
@@ -55,7 +59,7 @@ func TestPrepareRoot(t *testing.T) {
 		}
 		return err
 	}))
-	must.EqOp(t, len(dirs)+2, len(found), must.Sprintf("found %v", found))
+	must.EqOp(t, len(dirs)+3, len(found), must.Sprintf("found %v", found))
 }
 
 func TestPrepareRoot_ExistingRootIsLeftAlone(t *testing.T) {

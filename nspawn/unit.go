@@ -119,9 +119,16 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		prop("DevicePolicy", "closed"),
 		prop("DeviceAllow", []deviceAllow{{"/dev/net/tun", "rwm"}, {"char-pts", "rw"}}),
 	}
+	// No tmpfs of nspawn's on /tmp: a mount made outside the guest's user namespace is locked
+	// there, and the guest's systemd fails to unmount it at poweroff (mountunits.go). /tmp is
+	// the root's directory then, as on a NixOS host without boot.tmp.useTmpfs, and a guest that
+	// wants a tmpfs mounts its own. Losing nosuid/nodev there gives the guest nothing it lacks
+	// in /var/tmp: its IDs and devices are its user namespace's.
+	env := []string{"SYSTEMD_NSPAWN_TMPFS_TMP=0"}
 	if s.UnifiedCgroup {
-		props = append(props, prop("Environment", []string{"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1"}))
+		env = append(env, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1")
 	}
+	props = append(props, prop("Environment", env))
 	if s.RebootPolicy == RebootRestart {
 		props = append(props, prop("RestartForceExitStatus", exitStatusSet{Statuses: []int32{ExitReboot}, Signals: []int32{}}))
 	}

@@ -72,7 +72,7 @@ func TestUnitProperties_Base(t *testing.T) {
 
 	for _, absent := range []string{
 		"MemoryMax", "MemorySwapMax", "MemoryLow", "CPUWeight", "AllowedCPUs", "TasksMax",
-		"RestartForceExitStatus", "Environment", "ExecStartEx",
+		"RestartForceExitStatus", "ExecStartEx",
 	} {
 		must.MapNotContainsKey(t, props, absent)
 	}
@@ -195,10 +195,10 @@ func TestUnitProperties_RebootPolicy(t *testing.T) {
 func TestUnitProperties_UnifiedCgroup(t *testing.T) {
 	s := testSpec()
 	s.UnifiedCgroup = false
-	must.MapNotContainsKey(t, unitProps(t, s), "Environment")
+	propIs(t, unitProps(t, s), "Environment", "as", []string{"SYSTEMD_NSPAWN_TMPFS_TMP=0"})
 
 	s.UnifiedCgroup = true
-	propIs(t, unitProps(t, s), "Environment", "as", []string{"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1"})
+	propIs(t, unitProps(t, s), "Environment", "as", []string{"SYSTEMD_NSPAWN_TMPFS_TMP=0", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1"})
 }
 
 // TestUnitProperties_ExecStopPost runs the stop command as systemd would, with the variables
