@@ -103,3 +103,49 @@ func mustOutput(b *testing.B, name string, args ...string) []byte {
 	}
 	return out
 }
+
+// BenchmarkImportPresent roots a toplevel already in the host's Nix store (the systemd fixture)
+// as a task start does: "first" with an importer that has not seen it (nix-store asked what is
+// missing and what its closure is), "known" with one that imported it before (only the root).
+func BenchmarkImportPresent(b *testing.B) {
+	sysd := os.Getenv("NIXOS_NSPAWN_SYSTEMD_TOPLEVEL")
+	if sysd == "" {
+		b.Fatal("NIXOS_NSPAWN_SYSTEMD_TOPLEVEL must be set: run through `make bench`")
+	}
+	nixStore, err := exec.LookPath("nix-store")
+	if err != nil {
+		b.Fatal(err)
+	}
+	importer := func(b *testing.B) *Importer {
+		data := b.TempDir()
+		s, err := NewNixStore(nixStore, filepath.Join(data, "gcroots"), filepath.Join(data, "tmp"))
+		if err != nil {
+			b.Fatal(err)
+		}
+		return NewImporter(s, Policy{})
+	}
+	root := func(b *testing.B, im *Importer) {
+		req := Request{Toplevel: sysd, Root: "bench"}
+		if _, err := im.Import(context.Background(), req); err != nil {
+			b.Fatal(err)
+		}
+		if err := im.RemoveRoot(context.Background(), "bench"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Run("first", func(b *testing.B) {
+		for b.Loop() {
+			b.StopTimer()
+			im := importer(b)
+			b.StartTimer()
+			root(b, im)
+		}
+	})
+	b.Run("known", func(b *testing.B) {
+		im := importer(b)
+		root(b, im)
+		for b.Loop() {
+			root(b, im)
+		}
+	})
+}

@@ -653,3 +653,56 @@ func TestInterruptedImportIsNotValid(t *testing.T) {
 	must.NoError(t, err)
 	must.NoError(t, CheckToplevel(dir, tiny))
 }
+
+// A toplevel imported before is rooted again with one call of nix-store (the root's --realise,
+// a no-op for a valid path) instead of three: its closure is known. Once the path left the
+// store, the next import fetches it as the first did.
+func TestImportReusesKnownClosure(t *testing.T) {
+	cached := cachedToplevel(t)
+	nixStore, err := exec.LookPath("nix-store")
+	must.NoError(t, err)
+	deleteCached := func() {
+		_ = exec.Command(nixStore, "--delete", cached).Run()
+		must.Error(t, exec.Command(nixStore, "--check-validity", cached).Run(), must.Sprint("the fixture is still in the store"))
+	}
+	deleteCached()
+	t.Cleanup(deleteCached)
+	data := t.TempDir()
+	calls := filepath.Join(data, "calls")
+	wrapper := filepath.Join(data, "nix-store")
+	must.NoError(t, os.WriteFile(wrapper, []byte("#!/bin/sh\necho \"$1\" >>"+calls+"\nexec "+nixStore+" \"$@\"\n"), 0o755))
+	s, err := NewNixStore(wrapper, filepath.Join(data, "gcroots"), filepath.Join(data, "tmp"))
+	must.NoError(t, err)
+	im := NewImporter(s, fixturePolicy(t))
+	req := Request{Toplevel: cached, Root: "alloc-1", Caches: []Source{dirCache(t, filepath.Join(closures(t), "cached-xz"))}}
+	called := func() []string {
+		b, _ := os.ReadFile(calls)
+		must.NoError(t, os.RemoveAll(calls))
+		return strings.Fields(string(b))
+	}
+
+	called()
+	res, err := im.Import(context.Background(), req)
+	must.NoError(t, err)
+	must.Eq(t, 1, res.Fetched)
+	first := called()
+	must.SliceContains(t, first, "--check-validity")
+	must.SliceContains(t, first, "--query")
+	must.NoError(t, im.RemoveRoot(context.Background(), "alloc-1"))
+
+	res, err = im.Import(context.Background(), req)
+	must.NoError(t, err)
+	must.Eq(t, 0, res.Fetched)
+	must.Eq(t, requisites(t, cached), res.Requisites)
+	must.Eq(t, []string{"--realise"}, called())
+	target, err := os.Readlink(filepath.Join(data, "gcroots", "alloc-1"))
+	must.NoError(t, err)
+	must.Eq(t, cached, target)
+	must.NoError(t, im.RemoveRoot(context.Background(), "alloc-1"))
+
+	deleteCached()
+	res, err = im.Import(context.Background(), req)
+	must.NoError(t, err)
+	must.Eq(t, 1, res.Fetched)
+	must.NoError(t, im.RemoveRoot(context.Background(), "alloc-1"))
+}

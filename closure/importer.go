@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -50,11 +51,60 @@ type Importer struct {
 
 	mu   sync.Mutex
 	busy map[string]chan struct{}
+	// closures are the requisites of toplevels imported before, newest last: a store path's
+	// closure never changes, so a toplevel still in the store needs Nix again only for its root.
+	closures []knownClosure
 }
+
+type knownClosure struct {
+	toplevel   string
+	requisites []string
+}
+
+// maxKnownClosures bounds the memory of closures seen (a 1,000-path closure is about 80 KB).
+const maxKnownClosures = 64
 
 // NewImporter imports into store under policy.
 func NewImporter(store Store, policy Policy) *Importer {
 	return &Importer{store: store, policy: policy, busy: map[string]chan struct{}{}}
+}
+
+func (im *Importer) knownRequisites(toplevel string) []string {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	for _, c := range im.closures {
+		if c.toplevel == toplevel {
+			return c.requisites
+		}
+	}
+	return nil
+}
+
+func (im *Importer) remember(toplevel string, requisites []string) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	im.closures = slices.DeleteFunc(im.closures, func(c knownClosure) bool { return c.toplevel == toplevel })
+	if len(im.closures) == maxKnownClosures {
+		im.closures = im.closures[1:]
+	}
+	im.closures = append(im.closures, knownClosure{toplevel, requisites})
+}
+
+// reuse roots a toplevel imported before without asking the store what is missing or what its
+// closure is. A valid path's closure is valid, and a toplevel on disk is valid but in the moment
+// a garbage collector deletes it: the host's Nix realises the path as it adds the root (a no-op
+// for a valid path), and the driver's own collector waits for imports. Any error sends the
+// caller down the full import.
+func (im *Importer) reuse(ctx context.Context, req Request, requisites []string) (*Result, error) {
+	if err := CheckToplevel(im.store.Dir(), req.Toplevel); err != nil {
+		return nil, err
+	}
+	if req.Root != "" {
+		if err := im.store.AddRoot(ctx, req.Root, req.Toplevel); err != nil {
+			return nil, err
+		}
+	}
+	return &Result{Requisites: requisites}, nil
 }
 
 // Store is where the importer puts paths.
@@ -123,6 +173,11 @@ func (im *Importer) Import(ctx context.Context, req Request) (*Result, error) {
 	im.gc.RLock()
 	defer im.gc.RUnlock()
 
+	if known := im.knownRequisites(req.Toplevel); known != nil {
+		if res, err := im.reuse(ctx, req, known); err == nil {
+			return res, nil
+		}
+	}
 	res := &Result{}
 	want, err := im.plan(ctx, req)
 	if err != nil {
@@ -158,6 +213,7 @@ func (im *Importer) Import(ctx context.Context, req Request) (*Result, error) {
 		}
 		return nil, err
 	}
+	im.remember(req.Toplevel, res.Requisites)
 	return res, nil
 }
 
