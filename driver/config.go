@@ -83,6 +83,7 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"cap_drop":           hclspec.NewAttr("cap_drop", "list(string)", false),
 	"system_call_filter": hclspec.NewAttr("system_call_filter", "list(string)", false),
 	"no_new_privileges":  hclspec.NewAttr("no_new_privileges", "bool", false),
+	"credentials":        hclspec.NewAttr("credentials", "map(string)", false),
 })
 
 // PluginConfig is the plugin block of the Nomad agent configuration.
@@ -172,6 +173,8 @@ type TaskConfig struct {
 	// SystemCallFilter adds ("name") or denies ("~name") system calls and @groups.
 	SystemCallFilter []string `codec:"system_call_filter"`
 	NoNewPrivileges  bool     `codec:"no_new_privileges"`
+	// Credentials maps systemd credential names to files of the task's secrets directory.
+	Credentials map[string]string `codec:"credentials"`
 }
 
 // ifName is what Linux accepts as an interface name, without the characters ip(8) treats specially.
@@ -357,6 +360,7 @@ type taskOptions struct {
 	storeView    string
 	substituters []closure.CacheURL
 	privileges   nspawn.Privileges
+	credentials  []nspawn.CredentialSource
 }
 
 // validate checks the task config; it runs after Nomad's interpolation, so it sees the values
@@ -423,6 +427,9 @@ func (c *TaskConfig) options() (taskOptions, error) {
 		o.storeView = storeViewHost
 	default:
 		return o, fmt.Errorf("store_view = %q: must be %q (only the closure's paths in /nix/store) or %q (the host's whole Nix store)", c.StoreView, storeViewClosure, storeViewHost)
+	}
+	if o.credentials, err = c.credentialSources(); err != nil {
+		return o, err
 	}
 	switch p := nspawn.RebootPolicy(c.RebootPolicy); p {
 	case nspawn.RebootExit, nspawn.RebootRestart:

@@ -289,7 +289,7 @@ func (d *Driver) start(m *machine, cfg *drivers.TaskConfig, tc TaskConfig, opts 
 	d.mu.RUnlock()
 	ctx, cancel := context.WithTimeout(d.ctx, registerTimeout+time.Minute)
 	defer cancel()
-	st, err := m.launch(ctx, cfg, spec, link, fw)
+	st, err := m.launch(ctx, cfg, spec, opts.credentials, link, fw)
 	if err != nil {
 		return nil, nil, err
 	}
