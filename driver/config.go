@@ -83,7 +83,9 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"cap_drop":           hclspec.NewAttr("cap_drop", "list(string)", false),
 	"system_call_filter": hclspec.NewAttr("system_call_filter", "list(string)", false),
 	"no_new_privileges":  hclspec.NewAttr("no_new_privileges", "bool", false),
-	"credentials":        hclspec.NewAttr("credentials", "map(string)", false),
+	// A list of maps, as Nomad hands a jobspec's map to a driver: `credentials = { ... }` arrives
+	// as one map in a list.
+	"credentials": hclspec.NewAttr("credentials", "list(map(string))", false),
 })
 
 // PluginConfig is the plugin block of the Nomad agent configuration.
@@ -174,7 +176,7 @@ type TaskConfig struct {
 	SystemCallFilter []string `codec:"system_call_filter"`
 	NoNewPrivileges  bool     `codec:"no_new_privileges"`
 	// Credentials maps systemd credential names to files of the task's secrets directory.
-	Credentials map[string]string `codec:"credentials"`
+	Credentials []map[string]string `codec:"credentials"`
 }
 
 // ifName is what Linux accepts as an interface name, without the characters ip(8) treats specially.

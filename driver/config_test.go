@@ -235,7 +235,7 @@ func TestTaskConfigOptions_OK(t *testing.T) {
 		{"host_bridge with veth", func(c *TaskConfig) { c.HostBridge = "br0" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
 		{"init_args", func(c *TaskConfig) { c.InitArgs = []string{"systemd.unit=rescue.target", "a b", "--"} }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
 		{"credentials, sorted by name", func(c *TaskConfig) {
-			c.Credentials = map[string]string{"tls.key": "secrets/tls/server.key", "db-password": "db-password"}
+			c.Credentials = []map[string]string{{"tls.key": "secrets/tls/server.key", "db-password": "db-password"}}
 		}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, []nspawn.CredentialSource{
 			{Name: "db-password", File: "db-password"}, {Name: "tls.key", File: "tls/server.key"},
 		}}},
@@ -290,11 +290,12 @@ func TestTaskConfigOptions_Errors(t *testing.T) {
 		{"substituter with user", func(c *TaskConfig) { c.Substituters = []string{"https://a:b@cache"} }, "substituters[0]", `"https://a:xxxxx@cache" must be a binary cache URL without user`},
 		{"store_view all", func(c *TaskConfig) { c.StoreView = "all" }, "store_view", `"all"`},
 		{"empty port label", func(c *TaskConfig) { c.Ports = []string{"http", ""} }, "ports[1]", `""`},
-		{"credential name with a colon", func(c *TaskConfig) { c.Credentials = map[string]string{"a:b": "x"} }, "credentials name", `"a:b"`},
-		{"credential name with a slash", func(c *TaskConfig) { c.Credentials = map[string]string{"a/b": "x"} }, "credentials name", `"a/b"`},
-		{"credential file escaping", func(c *TaskConfig) { c.Credentials = map[string]string{"db": "../local/x"} }, "credentials.db", `"../local/x"`},
-		{"credential file absolute", func(c *TaskConfig) { c.Credentials = map[string]string{"db": "/etc/shadow"} }, "credentials.db", `"/etc/shadow"`},
-		{"credential file empty", func(c *TaskConfig) { c.Credentials = map[string]string{"db": ""} }, "credentials.db", `""`},
+		{"credential name with a colon", func(c *TaskConfig) { c.Credentials = []map[string]string{{"a:b": "x"}} }, "credentials name", `"a:b"`},
+		{"credential name with a slash", func(c *TaskConfig) { c.Credentials = []map[string]string{{"a/b": "x"}} }, "credentials name", `"a/b"`},
+		{"credential file escaping", func(c *TaskConfig) { c.Credentials = []map[string]string{{"db": "../local/x"}} }, "credentials.db", `"../local/x"`},
+		{"credential file absolute", func(c *TaskConfig) { c.Credentials = []map[string]string{{"db": "/etc/shadow"}} }, "credentials.db", `"/etc/shadow"`},
+		{"credential given twice", func(c *TaskConfig) { c.Credentials = []map[string]string{{"db": "a"}, {"db": "b"}} }, "credentials name", `"db": given twice`},
+		{"credential file empty", func(c *TaskConfig) { c.Credentials = []map[string]string{{"db": ""}} }, "credentials.db", `""`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -20,17 +20,26 @@ const credentialsRunDir = "/run/nomad-driver-nixos/credentials"
 // of the task's secrets directory, given relative to it ("db-password") or as "secrets/...",
 // the form of a template's destination.
 func (c *TaskConfig) credentialSources() ([]nspawn.CredentialSource, error) {
-	if len(c.Credentials) == 0 {
+	files := map[string]string{}
+	for _, m := range c.Credentials {
+		for name, file := range m {
+			if _, dup := files[name]; dup {
+				return nil, fmt.Errorf("credentials name = %q: given twice", name)
+			}
+			files[name] = file
+		}
+	}
+	if len(files) == 0 {
 		return nil, nil
 	}
-	names := make([]string, 0, len(c.Credentials))
-	for name := range c.Credentials {
+	names := make([]string, 0, len(files))
+	for name := range files {
 		names = append(names, name)
 	}
 	sort.Strings(names)
 	out := make([]nspawn.CredentialSource, 0, len(names))
 	for _, name := range names {
-		file := c.Credentials[name]
+		file := files[name]
 		if !nspawn.ValidCredentialName(name) {
 			return nil, fmt.Errorf("credentials name = %q: must be a file name of printable ASCII characters without '/' or ':', at most 255 bytes, as a guest service names it in LoadCredential=", name)
 		}

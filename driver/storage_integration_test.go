@@ -36,7 +36,7 @@ func TestCredentials(t *testing.T) {
 	const secret = "s3cr3t-credential-value-8d1f"
 	since := time.Now()
 	cfg := td.newTask(t, "creds", systemdToplevel(t), nil, withConfig(func(tc *TaskConfig) {
-		tc.Credentials = map[string]string{"db-password": "secrets/db-password", "api.token": "tokens/api"}
+		tc.Credentials = []map[string]string{{"db-password": "secrets/db-password", "api.token": "tokens/api"}}
 	}))
 	secrets := cfg.TaskDir().SecretsDir
 	// As a template with perms = "0600" renders it.
@@ -120,7 +120,7 @@ func TestCredentialRefusalsLeaveNothing(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := td.newTask(t, "badcred", tinyToplevel(t), nil, withConfig(func(tc *TaskConfig) {
-				tc.Credentials = map[string]string{"ok": "fine", "db": c.file}
+				tc.Credentials = []map[string]string{{"ok": "fine", "db": c.file}}
 			}))
 			must.NoError(t, os.WriteFile(filepath.Join(cfg.TaskDir().SecretsDir, "fine"), []byte("x"), 0o600))
 			if c.prepare != nil {
