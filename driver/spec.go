@@ -61,6 +61,11 @@ func (d *Driver) machineSpec(m *machine, cfg *drivers.TaskConfig, tc *TaskConfig
 			{Source: dir.SecretsDir, Dest: "/secrets"},
 		}
 	}
+	volumes, err := volumeBinds(cfg.Mounts)
+	if err != nil {
+		return nil, err
+	}
+	s.Binds = append(s.Binds, volumes...)
 	if err := s.Validate(); err != nil {
 		return nil, err
 	}

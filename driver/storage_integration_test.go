@@ -6,6 +6,7 @@
 package driver
 
 import (
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -16,6 +17,8 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
 // guestExec runs cmd in the machine as a guest service (systemd-run inside it) and returns its
@@ -133,4 +136,117 @@ func TestCredentialRefusalsLeaveNothing(t *testing.T) {
 			must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
 		})
 	}
+}
+
+func withVolumes(mounts ...*drivers.MountConfig) taskOpt {
+	return func(c *drivers.TaskConfig, _ *TaskConfig) { c.Mounts = mounts }
+}
+
+// A host volume is an idmapped bind: a guest service running as www-data (UID 33) writes to it,
+// the host sees UID 33, a second allocation reads the data, and destroying a task leaves the
+// volume as it was. A read-only mount refuses writes.
+// It runs on the test host's /tmp (tmpfs) and on the checkout's filesystem (the build
+// machine's ext4).
+func TestHostVolume(t *testing.T) {
+	td := newTestDriver(t, "")
+	build, err := filepath.Abs("../build")
+	must.NoError(t, err)
+	for _, base := range []string{os.TempDir(), build} {
+		vol, err := os.MkdirTemp(base, "volume-")
+		must.NoError(t, err)
+		t.Cleanup(func() { _ = os.RemoveAll(vol) })
+		fsType := nspawn.FilesystemType(vol)
+		t.Run(fsType, func(t *testing.T) { hostVolume(t, td, vol) })
+	}
+}
+
+func hostVolume(t *testing.T, td *testDriver, vol string) {
+	must.NoError(t, os.Chmod(vol, 0o755))
+	ro := t.TempDir()
+	must.NoError(t, os.WriteFile(filepath.Join(ro, "config"), []byte("read me"), 0o644))
+
+	first := td.newTask(t, "vol1", systemdToplevel(t), nil, withVolumes(
+		&drivers.MountConfig{TaskPath: "/var/lib/app", HostPath: vol},
+		&drivers.MountConfig{TaskPath: "/srv/config", HostPath: ro, Readonly: true},
+	))
+	td.start(t, first)
+	waitLog(t, first, "longrun: started", 2*time.Minute)
+
+	// The host's root owns the directory, so the guest's root does, and hands it to www-data.
+	code, out, errOut := guestExec(t, td, first, "/bin/sh", "-c", "stat -c '%U %a' /var/lib/app && chown www-data:www-data /var/lib/app")
+	must.Eq(t, 0, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
+	must.Eq(t, "root 755\n", out)
+	code, out, errOut = guestExec(t, td, first, "systemd-run", "--quiet", "--wait", "--pipe", "-p", "User=www-data",
+		"/bin/sh", "-c", "echo written-by-vol1 >/var/lib/app/data && stat -c '%U %G' /var/lib/app/data && cat /srv/config/config && echo && touch /srv/config/x")
+	must.Eq(t, 1, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
+	must.Eq(t, "www-data www-data\nread me\n", out)
+	must.StrContains(t, errOut, "Read-only file system")
+	// As root, too.
+	code, _, errOut = guestExec(t, td, first, "/bin/sh", "-c", "touch /srv/config/x")
+	must.NotEq(t, 0, code)
+	must.StrContains(t, errOut, "Read-only file system")
+
+	var st unix.Stat_t
+	must.NoError(t, unix.Stat(filepath.Join(vol, "data"), &st))
+	must.Eq(t, uint32(33), st.Uid, must.Sprint("the host does not see the guest's www-data as UID 33"))
+	must.Eq(t, uint32(33), st.Gid)
+	_, err := os.Stat(filepath.Join(ro, "x"))
+	must.True(t, os.IsNotExist(err))
+
+	must.NoError(t, td.StopTask(first.ID, 30*time.Second, ""))
+	must.NoError(t, td.DestroyTask(first.ID, true))
+	b, err := os.ReadFile(filepath.Join(vol, "data"))
+	must.NoError(t, err, must.Sprint("destroying the task removed the volume's data"))
+	must.Eq(t, "written-by-vol1\n", string(b))
+	b, err = os.ReadFile(filepath.Join(ro, "config"))
+	must.NoError(t, err)
+	must.Eq(t, "read me", string(b))
+
+	// Another allocation gets the same data, owned by its www-data.
+	second := td.newTask(t, "vol2", systemdToplevel(t), nil, withVolumes(&drivers.MountConfig{TaskPath: "/var/lib/app", HostPath: vol}))
+	td.start(t, second)
+	waitLog(t, second, "longrun: started", 2*time.Minute)
+	code, out, errOut = guestExec(t, td, second, "systemd-run", "--quiet", "--wait", "--pipe", "-p", "User=www-data",
+		"/bin/sh", "-c", "cat /var/lib/app/data && stat -c '%U' /var/lib/app/data && echo appended-by-vol2 >>/var/lib/app/data")
+	must.Eq(t, 0, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
+	must.Eq(t, "written-by-vol1\nwww-data\n", out)
+	b, err = os.ReadFile(filepath.Join(vol, "data"))
+	must.NoError(t, err)
+	must.Eq(t, "written-by-vol1\nappended-by-vol2\n", string(b))
+}
+
+// Bad volume mounts fail the start with the destination, the host path and why, and leave
+// nothing behind; a filesystem without idmapped mounts (ramfs) is refused, naming it.
+func TestVolumeRefusalsLeaveNothing(t *testing.T) {
+	dataDir := t.TempDir()
+	td := newTestDriver(t, dataDir)
+	vol := t.TempDir()
+	ramfs := t.TempDir()
+	run(t, "mount", "-t", "ramfs", "ramfs", ramfs)
+	t.Cleanup(func() { _ = unix.Unmount(ramfs, unix.MNT_DETACH) })
+	before := inventory(t, dataDir)
+	for _, c := range []struct {
+		name, dest, host, want string
+	}{
+		{"over the store", "/nix/store", vol, "cannot be /nix"},
+		{"over secrets", "/secrets", vol, "cannot be /secrets"},
+		{"under alloc", "/alloc/data", vol, "cannot be /alloc"},
+		{"over local", "/local", vol, "cannot be /local"},
+		{"the machine's /etc", "/etc/app", vol, "cannot be /etc"},
+		{"relative", "var/lib/app", vol, "must be an absolute path"},
+		{"climbing", "/var/../etc", vol, "must be a clean path"},
+		{"missing host path", "/data", filepath.Join(vol, "missing"), "no such file or directory"},
+		{"no idmapped mounts", "/data", ramfs, "the filesystem does not support idmapped mounts (" + ramfs + ", filesystem ramfs)"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := td.newTask(t, "badvol", systemdToplevel(t), nil, withVolumes(&drivers.MountConfig{TaskPath: c.dest, HostPath: c.host}))
+			_, _, err := td.StartTask(cfg)
+			must.ErrorContains(t, err, fmt.Sprintf("volume_mount destination = %q (host path %q): ", c.dest, c.host))
+			must.ErrorContains(t, err, c.want)
+			must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
+		})
+	}
+	entries, err := os.ReadDir(vol)
+	must.NoError(t, err)
+	must.SliceEmpty(t, entries)
 }
