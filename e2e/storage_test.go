@@ -6,12 +6,26 @@
 package e2e
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/shoenig/test/must"
 )
+
+// waitBooted waits until the job's machine (the systemd fixture) is running and has started its
+// services, so that systemd-run reaches its systemd.
+func waitBooted(t *testing.T, jobID string) allocation {
+	t.Helper()
+	alloc := waitAlloc(t, jobID, 2*time.Minute, "running", running)
+	waitOutput(t, time.Minute, "longrun: started", func() string {
+		out, _ := nomadErr("alloc", "logs", alloc.ID, "t")
+		return out
+	})
+	return alloc
+}
 
 // readCredential runs a guest service as www-data that takes the credential db-password with
 // LoadCredential= and prints it.
@@ -34,11 +48,7 @@ func TestTemplateCredential(t *testing.T) {
 			nomad(t, "var", "put", "-force", path, "password=first-value-1d7c")
 			t.Cleanup(func() { _, _ = nomadErr("var", "purge", path) })
 			runJob(t, c.id, "storage.nomad.hcl", map[string]any{"toplevel": systemd(t), "var_path": path, "change_mode": c.mode})
-			alloc := waitAlloc(t, c.id, 2*time.Minute, "running", running)
-			waitOutput(t, time.Minute, "longrun: started", func() string {
-				out, _ := nomadErr("alloc", "logs", alloc.ID, "t")
-				return out
-			})
+			alloc := waitBooted(t, c.id)
 			must.Eq(t, "first-value-1d7c", readCredential(t, alloc.ID))
 
 			nomad(t, "var", "put", "-force", path, "password=second-value-93aa")
@@ -69,4 +79,78 @@ func TestTemplateCredential(t *testing.T) {
 			must.False(t, strings.Contains(logs, "value-"), must.Sprint("a credential reached the task's logs"))
 		})
 	}
+}
+
+// createHostVolume makes a dynamic host volume with Nomad's mkdir plugin and returns its ID and
+// its directory on the client; it is deleted when the test ends.
+func createHostVolume(t *testing.T, name string) (string, string) {
+	t.Helper()
+	spec := filepath.Join(t.TempDir(), "volume.hcl")
+	must.NoError(t, os.WriteFile(spec, []byte(`name = "`+name+`"
+type      = "host"
+plugin_id = "mkdir"
+capability {
+  access_mode     = "single-node-writer"
+  attachment_mode = "file-system"
+}
+capability {
+  access_mode     = "single-node-reader-only"
+  attachment_mode = "file-system"
+}
+`), 0o644))
+	out := nomad(t, "volume", "create", "-detach", spec)
+	id := strings.TrimSpace(out[strings.LastIndex(out, " ")+1:])
+	t.Cleanup(func() { _, _ = nomadErr("volume", "delete", "-type", "host", id) })
+	var vol struct{ HostPath, State string }
+	waitOutput(t, time.Minute, "ready", func() string {
+		api(t, "/v1/volume/host/"+id, &vol)
+		return vol.State
+	})
+	return id, vol.HostPath
+}
+
+// A Nomad host volume reaches the machine at its destination: a guest service running as
+// www-data writes there, the client sees the files as UID 33, a second allocation finds them,
+// and a read-only mount refuses writes. A destination over the machine's store fails the task
+// with the reason.
+func TestHostVolume(t *testing.T) {
+	_, dir := createHostVolume(t, "e2e-data")
+	runJob(t, "e2e-volume-1", "volume.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": "e2e-data"})
+	alloc := waitBooted(t, "e2e-volume-1")
+	code, out, errOut := allocExec(t, alloc.ID, "", "/bin/sh", "-c", "chown www-data: /var/lib/app && systemd-run --quiet --wait --pipe -p User=www-data /bin/sh -c 'echo from-alloc-1 >/var/lib/app/data && stat -c %U /var/lib/app/data'")
+	must.Eq(t, 0, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
+	must.Eq(t, "www-data\n", out)
+	must.Eq(t, "33 from-alloc-1\n", host(t, "sh", "-c", "printf '%s ' $(stat -c %u "+dir+"/data); cat "+dir+"/data"))
+	nomad(t, "job", "stop", "-purge", "e2e-volume-1")
+	waitOutput(t, time.Minute, "gone", func() string {
+		if strings.Contains(strings.Join(machinesOnHost(t), " "), "nomad-"+alloc.ID[:8]) {
+			return "running"
+		}
+		return "gone"
+	})
+	must.Eq(t, "from-alloc-1\n", host(t, "cat", dir+"/data"))
+
+	t.Run("a second allocation has the data", func(t *testing.T) {
+		runJob(t, "e2e-volume-2", "volume.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": "e2e-data"})
+		alloc := waitBooted(t, "e2e-volume-2")
+		code, out, errOut := allocExec(t, alloc.ID, "", "systemd-run", "--quiet", "--wait", "--pipe", "-p", "User=www-data", "/bin/sh", "-c", "cat /var/lib/app/data && echo from-alloc-2 >>/var/lib/app/data")
+		must.Eq(t, 0, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
+		must.Eq(t, "from-alloc-1\n", out)
+		nomad(t, "job", "stop", "-purge", "e2e-volume-2")
+	})
+
+	t.Run("read-only", func(t *testing.T) {
+		runJob(t, "e2e-volume-ro", "volume.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": "e2e-data", "read_only": true})
+		alloc := waitAlloc(t, "e2e-volume-ro", 2*time.Minute, "running", running)
+		code, out, errOut := allocExec(t, alloc.ID, "", "/bin/sh", "-c", "cat /var/lib/app/data; echo x >>/var/lib/app/data")
+		must.NotEq(t, 0, code)
+		must.Eq(t, "from-alloc-1\nfrom-alloc-2\n", out)
+		must.StrContains(t, errOut, "Read-only file system")
+	})
+
+	t.Run("over the store", func(t *testing.T) {
+		runJob(t, "e2e-volume-bad", "volume.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": "e2e-data", "destination": "/nix/store"})
+		a := waitAlloc(t, "e2e-volume-bad", time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
+		must.True(t, hasEvent(a.TaskStates["t"], "Driver Failure", `volume_mount destination = "/nix/store"`), must.Sprint(pretty(a.TaskStates["t"].Events)))
+	})
 }
