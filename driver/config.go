@@ -64,6 +64,7 @@ var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"console_backlog":       hclspec.NewDefault(hclspec.NewAttr("console_backlog", "string", false), hclspec.NewLiteral(strconv.Quote(defaultConsoleBacklog))),
 	"allow_caps":            hclspec.NewAttr("allow_caps", "list(string)", false),
 	"allow_system_calls":    hclspec.NewAttr("allow_system_calls", "list(string)", false),
+	"allow_devices":         hclspec.NewAttr("allow_devices", "list(string)", false),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -86,6 +87,7 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	// A list of maps, as Nomad hands a jobspec's map to a driver: `credentials = { ... }` arrives
 	// as one map in a list.
 	"credentials": hclspec.NewAttr("credentials", "list(map(string))", false),
+	"devices":     hclspec.NewAttr("devices", "list(string)", false),
 })
 
 // PluginConfig is the plugin block of the Nomad agent configuration.
@@ -134,6 +136,8 @@ type PluginConfig struct {
 	AllowCaps []string `codec:"allow_caps"`
 	// AllowSystemCalls are the system calls and @groups a task may add to nspawn's filter.
 	AllowSystemCalls []string `codec:"allow_system_calls"`
+	// AllowDevices are the host devices a task may name in its devices.
+	AllowDevices []string `codec:"allow_devices"`
 
 	allowCaps           []string
 	gcGrace             time.Duration
@@ -177,6 +181,8 @@ type TaskConfig struct {
 	NoNewPrivileges  bool     `codec:"no_new_privileges"`
 	// Credentials maps systemd credential names to files of the task's secrets directory.
 	Credentials []map[string]string `codec:"credentials"`
+	// Devices are host devices bound into the machine, each within the plugin config's allow_devices.
+	Devices []string `codec:"devices"`
 }
 
 // ifName is what Linux accepts as an interface name, without the characters ip(8) treats specially.
@@ -238,6 +244,9 @@ func (c *PluginConfig) validate() error {
 		return err
 	}
 	if err := parseAllowSystemCalls(c.AllowSystemCalls); err != nil {
+		return err
+	}
+	if err := parseAllowDevices(c.AllowDevices); err != nil {
 		return err
 	}
 	for _, t := range []struct {

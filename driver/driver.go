@@ -215,9 +215,6 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if !pc.Enabled {
 		return nil, nil, errors.New("the nixos-nspawn driver is disabled in the plugin config (enabled = false)")
 	}
-	if len(cfg.Devices) > 0 {
-		return nil, nil, fmt.Errorf("the nixos-nspawn driver does not support device blocks yet (task has %d devices)", len(cfg.Devices))
-	}
 	var tc TaskConfig
 	if err := cfg.DecodeDriverConfig(&tc); err != nil {
 		return nil, nil, fmt.Errorf("decoding task config: %w", err)

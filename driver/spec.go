@@ -66,6 +66,9 @@ func (d *Driver) machineSpec(m *machine, cfg *drivers.TaskConfig, tc *TaskConfig
 		return nil, err
 	}
 	s.Binds = append(s.Binds, volumes...)
+	if s.Devices, err = machineDevices(tc, cfg.Devices, pc.AllowDevices); err != nil {
+		return nil, err
+	}
 	if err := s.Validate(); err != nil {
 		return nil, err
 	}

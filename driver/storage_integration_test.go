@@ -250,3 +250,51 @@ func TestVolumeRefusalsLeaveNothing(t *testing.T) {
 	must.NoError(t, err)
 	must.SliceEmpty(t, entries)
 }
+
+// hostFuse makes /dev/fuse in the test host as udev makes it on a real host (character device
+// 10:229, mode 0666): the test host has no udev, and nspawn gives it no /dev/fuse.
+func hostFuse(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat("/dev/fuse"); os.IsNotExist(err) {
+		must.NoError(t, unix.Mknod("/dev/fuse", unix.S_IFCHR|0o666, int(unix.Mkdev(10, 229))))
+	}
+	must.NoError(t, os.Chmod("/dev/fuse", 0o666))
+}
+
+// An allowed device is bound into the machine and in its unit's device policy: the guest's root
+// mounts a FUSE filesystem through /dev/fuse. A device of a Nomad device plugin reaches the
+// task path Nomad gives. A device the plugin config does not allow fails the start, naming it
+// and the allowlist, and leaves nothing.
+func TestDevices(t *testing.T) {
+	hostFuse(t)
+	dataDir := t.TempDir()
+	// A null device only root may open, as /dev/kvm is only for its group.
+	const private = "/dev/nomad-driver-nixos-test-private"
+	_ = os.Remove(private)
+	must.NoError(t, unix.Mknod(private, unix.S_IFCHR|0o600, int(unix.Mkdev(1, 3))))
+	t.Cleanup(func() { _ = os.Remove(private) })
+	td := newTestDriver(t, dataDir, func(pc *PluginConfig) { pc.AllowDevices = []string{"/dev/fuse", "/dev/net/tun", private} })
+	cfg := td.newTask(t, "fuse", systemdToplevel(t), nil, withConfig(func(tc *TaskConfig) { tc.Devices = []string{"/dev/fuse"} }),
+		func(c *drivers.TaskConfig, _ *TaskConfig) {
+			c.Devices = []*drivers.DeviceConfig{{HostPath: "/dev/null", TaskPath: "/dev/plugin0", Permissions: "rw"}}
+		})
+	td.start(t, cfg)
+	waitLog(t, cfg, "longrun: started", 2*time.Minute)
+	machine := machineOf(t, cfg)
+	must.StrContains(t, run(t, "systemctl", "show", "-p", "DeviceAllow", machine+".service"), "/dev/fuse rwm")
+
+	code, out, errOut := guestExec(t, td, cfg, "/bin/sh", "-c",
+		"mkdir -p /mnt/fuse && exec 3<>/dev/fuse && mount -i -t fuse -o fd=3,rootmode=40000,user_id=0,group_id=0 fusetest /mnt/fuse && grep -c 'fusetest /mnt/fuse fuse' /proc/self/mounts && umount -l /mnt/fuse && echo plugin0 >/dev/plugin0 && stat -c %t:%T /dev/plugin0")
+	must.Eq(t, 0, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
+	must.Eq(t, "1\n1:3\n", out)
+
+	before := inventory(t, dataDir)
+	bad := td.newTask(t, "kvm", tinyToplevel(t), nil, withConfig(func(tc *TaskConfig) { tc.Devices = []string{"/dev/fuse", "/dev/kvm"} }))
+	_, _, err := td.StartTask(bad)
+	must.ErrorContains(t, err, `devices[1] = "/dev/kvm": not allowed by the plugin config (allow_devices: /dev/fuse, /dev/net/tun, `+private+`)`)
+	must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
+	unusable := td.newTask(t, "private", tinyToplevel(t), nil, withConfig(func(tc *TaskConfig) { tc.Devices = []string{private} }))
+	_, _, err = td.StartTask(unusable)
+	must.ErrorContains(t, err, `devices[0] = "`+private+`": mode 0600 on the host`)
+	must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
+}

@@ -56,10 +56,10 @@ func (b Bind) arg() string {
 	return arg
 }
 
-// Device is a host device node bound into the machine at the same path, with the unit's
-// DeviceAllow= for it.
+// Device is a host device node bound into the machine, with the unit's DeviceAllow= for it.
 type Device struct {
-	Path string
+	Source string
+	Dest   string
 	// Access is DeviceAllow='s "r", "w" and "m" letters.
 	Access string
 }
@@ -215,7 +215,7 @@ func (s *Spec) Args() []string {
 		args = append(args, b.arg())
 	}
 	for _, d := range s.Devices {
-		args = append(args, "--bind="+d.Path)
+		args = append(args, "--bind="+d.Source+":"+d.Dest)
 	}
 	for _, c := range s.Credentials {
 		args = append(args, "--load-credential="+c.Name+":"+c.Path)
@@ -275,8 +275,13 @@ func (s *Spec) Validate() error {
 		}
 	}
 	for _, d := range s.Devices {
-		if !filepath.IsAbs(d.Path) || strings.ContainsAny(d.Path, unsafeInBind) || d.Access == "" || strings.Trim(d.Access, "rwm") != "" {
-			return fmt.Errorf("device %q with access %q: the path must be absolute without ':', '\\' or control characters, the access letters of r, w and m", d.Path, d.Access)
+		for _, p := range []string{d.Source, d.Dest} {
+			if !filepath.IsAbs(p) || strings.ContainsAny(p, unsafeInBind) {
+				return fmt.Errorf("device path %q must be absolute and contain no ':', '\\' or control characters", p)
+			}
+		}
+		if d.Access == "" || strings.Trim(d.Access, "rwm") != "" {
+			return fmt.Errorf("device %q: access %q must be letters of r, w and m", d.Source, d.Access)
 		}
 	}
 	for _, c := range s.Credentials {

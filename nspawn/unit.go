@@ -160,7 +160,7 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 func (s *Spec) deviceAllow() []deviceAllow {
 	out := []deviceAllow{{"/dev/net/tun", "rwm"}, {"char-pts", "rw"}}
 	for _, d := range s.Devices {
-		out = append(out, deviceAllow{d.Path, d.Access})
+		out = append(out, deviceAllow{d.Source, d.Access})
 	}
 	return out
 }
