@@ -65,6 +65,7 @@ var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"allow_caps":            hclspec.NewAttr("allow_caps", "list(string)", false),
 	"allow_system_calls":    hclspec.NewAttr("allow_system_calls", "list(string)", false),
 	"allow_devices":         hclspec.NewAttr("allow_devices", "list(string)", false),
+	"allow_bind_paths":      hclspec.NewAttr("allow_bind_paths", "list(string)", false),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -88,6 +89,7 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	// as one map in a list.
 	"credentials": hclspec.NewAttr("credentials", "list(map(string))", false),
 	"devices":     hclspec.NewAttr("devices", "list(string)", false),
+	"binds":       hclspec.NewAttr("binds", "list(string)", false),
 })
 
 // PluginConfig is the plugin block of the Nomad agent configuration.
@@ -138,8 +140,11 @@ type PluginConfig struct {
 	AllowSystemCalls []string `codec:"allow_system_calls"`
 	// AllowDevices are the host devices a task may name in its devices.
 	AllowDevices []string `codec:"allow_devices"`
+	// AllowBindPaths are the host directories below which a task may bind paths with binds.
+	AllowBindPaths []string `codec:"allow_bind_paths"`
 
 	allowCaps           []string
+	allowBindPaths      []string
 	gcGrace             time.Duration
 	consoleBacklog      int64
 	keys                closure.TrustedKeys
@@ -183,6 +188,8 @@ type TaskConfig struct {
 	Credentials []map[string]string `codec:"credentials"`
 	// Devices are host devices bound into the machine, each within the plugin config's allow_devices.
 	Devices []string `codec:"devices"`
+	// Binds are "HOST:DEST[:ro]", each HOST below a directory of the plugin config's allow_bind_paths.
+	Binds []string `codec:"binds"`
 }
 
 // ifName is what Linux accepts as an interface name, without the characters ip(8) treats specially.
@@ -247,6 +254,9 @@ func (c *PluginConfig) validate() error {
 		return err
 	}
 	if err := parseAllowDevices(c.AllowDevices); err != nil {
+		return err
+	}
+	if c.allowBindPaths, err = parseAllowBindPaths(c.AllowBindPaths); err != nil {
 		return err
 	}
 	for _, t := range []struct {

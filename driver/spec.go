@@ -65,7 +65,14 @@ func (d *Driver) machineSpec(m *machine, cfg *drivers.TaskConfig, tc *TaskConfig
 	if err != nil {
 		return nil, err
 	}
-	s.Binds = append(s.Binds, volumes...)
+	binds, err := taskBinds(tc.Binds, pc.allowBindPaths)
+	if err != nil {
+		return nil, err
+	}
+	if err := distinctDests(volumes, binds); err != nil {
+		return nil, err
+	}
+	s.Binds = append(append(s.Binds, volumes...), binds...)
 	if s.Devices, err = machineDevices(tc, cfg.Devices, pc.AllowDevices); err != nil {
 		return nil, err
 	}

@@ -298,3 +298,36 @@ func TestDevices(t *testing.T) {
 	must.ErrorContains(t, err, `devices[0] = "`+private+`": mode 0600 on the host`)
 	must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
 }
+
+// A task bind below an allowed directory reaches the machine idmapped, through a link that stays
+// inside the directory; a link out of it is refused and leaves nothing.
+func TestTaskBinds(t *testing.T) {
+	allowed := t.TempDir()
+	must.NoError(t, os.Mkdir(filepath.Join(allowed, "web"), 0o755))
+	must.NoError(t, os.Chown(filepath.Join(allowed, "web"), 33, 33))
+	must.NoError(t, os.Symlink("web", filepath.Join(allowed, "current")))
+	must.NoError(t, os.Symlink("/etc", filepath.Join(allowed, "etc")))
+	dataDir := t.TempDir()
+	td := newTestDriver(t, dataDir, func(pc *PluginConfig) { pc.AllowBindPaths = []string{allowed} })
+	cfg := td.newTask(t, "binds", systemdToplevel(t), nil, withConfig(func(tc *TaskConfig) {
+		tc.Binds = []string{allowed + "/current:/var/lib/web", allowed + ":/srv/all:ro"}
+	}))
+	td.start(t, cfg)
+	waitLog(t, cfg, "longrun: started", 2*time.Minute)
+	code, out, errOut := guestExec(t, td, cfg, "systemd-run", "--quiet", "--wait", "--pipe", "-p", "User=www-data",
+		"/bin/sh", "-c", "echo hi >/var/lib/web/f && stat -c %U /var/lib/web/f && ls /srv/all && touch /srv/all/web/g")
+	must.Eq(t, 1, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
+	must.Eq(t, "www-data\ncurrent\netc\nweb\n", out)
+	must.StrContains(t, errOut, "Read-only file system")
+	var st unix.Stat_t
+	must.NoError(t, unix.Stat(filepath.Join(allowed, "web", "f"), &st))
+	must.Eq(t, uint32(33), st.Uid)
+
+	before := inventory(t, dataDir)
+	bad := td.newTask(t, "badbind", tinyToplevel(t), nil, withConfig(func(tc *TaskConfig) {
+		tc.Binds = []string{allowed + "/etc:/data"}
+	}))
+	_, _, err := td.StartTask(bad)
+	must.ErrorContains(t, err, `binds[0] = "`+allowed+`/etc:/data": a link leads out of `+allowed)
+	must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
+}
