@@ -18,6 +18,7 @@ import (
 	"github.com/shoenig/test/must"
 	"golang.org/x/sys/unix"
 
+	"github.com/nomad-nixos/nomad-driver-nixos/cgroupfs"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -287,6 +288,15 @@ func TestDevices(t *testing.T) {
 		"mkdir -p /mnt/fuse && exec 3<>/dev/fuse && mount -i -t fuse -o fd=3,rootmode=40000,user_id=0,group_id=0 fusetest /mnt/fuse && grep -c 'fusetest /mnt/fuse fuse' /proc/self/mounts && umount -l /mnt/fuse && echo plugin0 >/dev/plugin0 && stat -c %t:%T /dev/plugin0")
 	must.Eq(t, 0, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
 	must.Eq(t, "1\n1:3\n", out)
+
+	// Where systemd enforces the device policy (cgroup v2, a BPF program on the unit's cgroup),
+	// it is DeviceAllow= that lets the machine open /dev/fuse: without the entry it cannot.
+	if td.d.cgroups.Mode == cgroupfs.CgroupUnified {
+		run(t, "systemctl", "set-property", "--runtime", machine+".service", "DeviceAllow=", "DeviceAllow=char-pts rw")
+		code, _, errOut := guestExec(t, td, cfg, "/bin/sh", "-c", "exec 3<>/dev/fuse")
+		must.NotEq(t, 0, code)
+		must.StrContains(t, errOut, "Operation not permitted")
+	}
 
 	before := inventory(t, dataDir)
 	bad := td.newTask(t, "kvm", tinyToplevel(t), nil, withConfig(func(tc *TaskConfig) { tc.Devices = []string{"/dev/fuse", "/dev/kvm"} }))

@@ -6,6 +6,7 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/shoenig/test/must"
+	"github.com/shoenig/test/wait"
 )
 
 // waitBooted waits until the job's machine (the systemd fixture) is running and has started its
@@ -81,10 +83,12 @@ func TestTemplateCredential(t *testing.T) {
 	}
 }
 
-// createHostVolume makes a dynamic host volume with Nomad's mkdir plugin and returns its ID and
-// its directory on the client; it is deleted when the test ends.
-func createHostVolume(t *testing.T, name string) (string, string) {
+// createHostVolume makes a dynamic host volume with Nomad's mkdir plugin and returns its name and
+// its directory on the client; it is deleted when the test ends. The name is the test run's own:
+// jobs find a volume by name, and one left by an earlier run must not be found.
+func createHostVolume(t *testing.T, prefix string) (string, string) {
 	t.Helper()
+	name := fmt.Sprintf("%s-%d", prefix, time.Now().UnixNano())
 	spec := filepath.Join(t.TempDir(), "volume.hcl")
 	must.NoError(t, os.WriteFile(spec, []byte(`name = "`+name+`"
 type      = "host"
@@ -100,13 +104,22 @@ capability {
 `), 0o644))
 	out := nomad(t, "volume", "create", "-detach", spec)
 	id := strings.TrimSpace(out[strings.LastIndex(out, " ")+1:])
-	t.Cleanup(func() { _, _ = nomadErr("volume", "delete", "-type", "host", id) })
+	// Deleting a volume fails while a purged job's allocation still claims it.
+	t.Cleanup(func() {
+		_ = wait.InitialSuccess(wait.ErrorFunc(func() error {
+			out, err := nomadErr("volume", "delete", "-type", "host", id)
+			if err != nil {
+				return fmt.Errorf("%v: %s", err, out)
+			}
+			return nil
+		}), wait.Timeout(time.Minute), wait.Gap(time.Second)).Run()
+	})
 	var vol struct{ HostPath, State string }
 	waitOutput(t, time.Minute, "ready", func() string {
 		api(t, "/v1/volume/host/"+id, &vol)
 		return vol.State
 	})
-	return id, vol.HostPath
+	return name, vol.HostPath
 }
 
 // A Nomad host volume reaches the machine at its destination: a guest service running as
@@ -114,8 +127,8 @@ capability {
 // and a read-only mount refuses writes. A destination over the machine's store fails the task
 // with the reason.
 func TestHostVolume(t *testing.T) {
-	_, dir := createHostVolume(t, "e2e-data")
-	runJob(t, "e2e-volume-1", "volume.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": "e2e-data"})
+	volume, dir := createHostVolume(t, "e2e-data")
+	runJob(t, "e2e-volume-1", "storage.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": volume})
 	alloc := waitBooted(t, "e2e-volume-1")
 	code, out, errOut := allocExec(t, alloc.ID, "", "/bin/sh", "-c", "chown www-data: /var/lib/app && systemd-run --quiet --wait --pipe -p User=www-data /bin/sh -c 'echo from-alloc-1 >/var/lib/app/data && stat -c %U /var/lib/app/data'")
 	must.Eq(t, 0, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
@@ -131,7 +144,7 @@ func TestHostVolume(t *testing.T) {
 	must.Eq(t, "from-alloc-1\n", host(t, "cat", dir+"/data"))
 
 	t.Run("a second allocation has the data", func(t *testing.T) {
-		runJob(t, "e2e-volume-2", "volume.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": "e2e-data"})
+		runJob(t, "e2e-volume-2", "storage.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": volume})
 		alloc := waitBooted(t, "e2e-volume-2")
 		code, out, errOut := allocExec(t, alloc.ID, "", "systemd-run", "--quiet", "--wait", "--pipe", "-p", "User=www-data", "/bin/sh", "-c", "cat /var/lib/app/data && echo from-alloc-2 >>/var/lib/app/data")
 		must.Eq(t, 0, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
@@ -140,7 +153,7 @@ func TestHostVolume(t *testing.T) {
 	})
 
 	t.Run("read-only", func(t *testing.T) {
-		runJob(t, "e2e-volume-ro", "volume.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": "e2e-data", "read_only": true})
+		runJob(t, "e2e-volume-ro", "storage.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": volume, "read_only": true})
 		alloc := waitAlloc(t, "e2e-volume-ro", 2*time.Minute, "running", running)
 		code, out, errOut := allocExec(t, alloc.ID, "", "/bin/sh", "-c", "cat /var/lib/app/data; echo x >>/var/lib/app/data")
 		must.NotEq(t, 0, code)
@@ -149,7 +162,7 @@ func TestHostVolume(t *testing.T) {
 	})
 
 	t.Run("over the store", func(t *testing.T) {
-		runJob(t, "e2e-volume-bad", "volume.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": "e2e-data", "destination": "/nix/store"})
+		runJob(t, "e2e-volume-bad", "storage.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": volume, "destination": "/nix/store"})
 		a := waitAlloc(t, "e2e-volume-bad", time.Minute, "failure", func(a allocation) bool { return a.ClientStatus == "failed" })
 		must.True(t, hasEvent(a.TaskStates["t"], "Driver Failure", `volume_mount destination = "/nix/store"`), must.Sprint(pretty(a.TaskStates["t"].Events)))
 	})
