@@ -154,7 +154,7 @@ func TestHostVolume(t *testing.T) {
 
 	t.Run("read-only", func(t *testing.T) {
 		runJob(t, "e2e-volume-ro", "storage.nomad.hcl", map[string]any{"toplevel": systemd(t), "volume": volume, "read_only": true})
-		alloc := waitAlloc(t, "e2e-volume-ro", 2*time.Minute, "running", running)
+		alloc := waitBooted(t, "e2e-volume-ro")
 		code, out, errOut := allocExec(t, alloc.ID, "", "/bin/sh", "-c", "cat /var/lib/app/data; echo x >>/var/lib/app/data")
 		must.NotEq(t, 0, code)
 		must.Eq(t, "from-alloc-1\nfrom-alloc-2\n", out)
