@@ -35,11 +35,24 @@ func guestExec(t *testing.T, td *testDriver, cfg *drivers.TaskConfig, cmd ...str
 // LoadCredential=, readable by that service's user alone, and lands nowhere else: not in the
 // machine's root, the console, the unit or the host's journal. Destroying the task removes the
 // staged copy.
+// It runs with guests of systemd 252 and 257 (NixOS 25.05's).
 func TestCredentials(t *testing.T) {
+	for _, g := range guests(t) {
+		t.Run(g.name, func(t *testing.T) { credentials(t, g.toplevel) })
+	}
+}
+
+type guest struct{ name, toplevel string }
+
+func guests(t *testing.T) []guest {
+	return []guest{{"systemd 252", systemdToplevel(t)}, {"systemd 257", fixture(t, "NIXOS_NSPAWN_SYSTEMD257_TOPLEVEL")}}
+}
+
+func credentials(t *testing.T, toplevel string) {
 	td := newTestDriver(t, "")
 	const secret = "s3cr3t-credential-value-8d1f"
 	since := time.Now()
-	cfg := td.newTask(t, "creds", systemdToplevel(t), nil, withConfig(func(tc *TaskConfig) {
+	cfg := td.newTask(t, "creds", toplevel, nil, withConfig(func(tc *TaskConfig) {
 		tc.Credentials = []map[string]string{{"db-password": "secrets/db-password", "api.token": "tokens/api"}}
 	}))
 	secrets := cfg.TaskDir().SecretsDir
@@ -65,6 +78,13 @@ func TestCredentials(t *testing.T) {
 	must.StrNotContains(t, out, secret)
 	must.StrContains(t, errOut, "/run/credentials/@system/db-password: Permission denied")
 	must.StrContains(t, errOut, "/secrets/db-password: Permission denied")
+
+	// A service asking for a credential the task does not give starts without it: systemd skips
+	// a system credential that is not there.
+	code, out, errOut = guestExec(t, td, cfg, "systemd-run", "--quiet", "--wait", "--pipe", "-p", "LoadCredential=not-given",
+		"/bin/sh", "-c", `test ! -e "$CREDENTIALS_DIRECTORY/not-given" && echo started without it`)
+	must.Eq(t, 0, code, must.Sprintf("stdout %q, stderr %q", out, errOut))
+	must.Eq(t, "started without it\n", out)
 
 	// The staged copy is root's alone, on a tmpfs.
 	stage := filepath.Join(credentialsRunDir, machine)
@@ -146,25 +166,26 @@ func withVolumes(mounts ...*drivers.MountConfig) taskOpt {
 // A host volume is an idmapped bind: a guest service running as www-data (UID 33) writes to it,
 // the host sees UID 33, a second allocation reads the data, and destroying a task leaves the
 // volume as it was. A read-only mount refuses writes.
-// It runs on /tmp (tmpfs in the test host and the VM host) and /var/tmp (ext4: the build
-// machine's disk in the test host, the VM's own).
+// It runs on /tmp (tmpfs in the test host and the VM host) with a systemd 252 guest and on
+// /var/tmp (ext4: the build machine's disk in the test host, the VM's own) with a systemd 257
+// guest; each stops in order, without its systemd failing to unmount the volumes.
 func TestHostVolume(t *testing.T) {
 	td := newTestDriver(t, "")
-	for _, base := range []string{os.TempDir(), "/var/tmp"} {
+	for i, base := range []string{os.TempDir(), "/var/tmp"} {
 		vol, err := os.MkdirTemp(base, "volume-")
 		must.NoError(t, err)
 		t.Cleanup(func() { _ = os.RemoveAll(vol) })
-		fsType := nspawn.FilesystemType(vol)
-		t.Run(fsType, func(t *testing.T) { hostVolume(t, td, vol) })
+		g := guests(t)[i]
+		t.Run(nspawn.FilesystemType(vol)+", "+g.name, func(t *testing.T) { hostVolume(t, td, vol, g.toplevel) })
 	}
 }
 
-func hostVolume(t *testing.T, td *testDriver, vol string) {
+func hostVolume(t *testing.T, td *testDriver, vol, toplevel string) {
 	must.NoError(t, os.Chmod(vol, 0o755))
 	ro := t.TempDir()
 	must.NoError(t, os.WriteFile(filepath.Join(ro, "config"), []byte("read me"), 0o644))
 
-	first := td.newTask(t, "vol1", systemdToplevel(t), nil, withVolumes(
+	first := td.newTask(t, "vol1", toplevel, nil, withVolumes(
 		&drivers.MountConfig{TaskPath: "/var/lib/app", HostPath: vol},
 		&drivers.MountConfig{TaskPath: "/srv/config", HostPath: ro, Readonly: true},
 	))
@@ -192,7 +213,10 @@ func hostVolume(t *testing.T, td *testDriver, vol string) {
 	_, err := os.Stat(filepath.Join(ro, "x"))
 	must.True(t, os.IsNotExist(err))
 
-	must.NoError(t, td.StopTask(first.ID, 30*time.Second, ""))
+	must.NoError(t, td.StopTask(first.ID, time.Minute, ""))
+	res := td.waitExit(t, first.ID, time.Minute)
+	must.Eq(t, 0, res.ExitCode, must.Sprintf("console:\n%s", logs(t, first)))
+	must.StrNotContains(t, logs(t, first), "Failed unmounting")
 	must.NoError(t, td.DestroyTask(first.ID, true))
 	b, err := os.ReadFile(filepath.Join(vol, "data"))
 	must.NoError(t, err, must.Sprint("destroying the task removed the volume's data"))
@@ -202,7 +226,7 @@ func hostVolume(t *testing.T, td *testDriver, vol string) {
 	must.Eq(t, "read me", string(b))
 
 	// Another allocation gets the same data, owned by its www-data.
-	second := td.newTask(t, "vol2", systemdToplevel(t), nil, withVolumes(&drivers.MountConfig{TaskPath: "/var/lib/app", HostPath: vol}))
+	second := td.newTask(t, "vol2", toplevel, nil, withVolumes(&drivers.MountConfig{TaskPath: "/var/lib/app", HostPath: vol}))
 	td.start(t, second)
 	waitLog(t, second, "longrun: started", 2*time.Minute)
 	code, out, errOut = guestExec(t, td, second, "systemd-run", "--quiet", "--wait", "--pipe", "-p", "User=www-data",

@@ -52,7 +52,8 @@ in
         `LoadCredential=NAME`, so the service reads it from
         `$CREDENTIALS_DIRECTORY/NAME` (`%d/NAME` in unit settings), readable
         by the service's user alone. A service whose credential the task
-        did not give fails to start.
+        did not give starts without it (systemd skips a missing system
+        credential), so a service that needs it should check for the file.
       '';
     };
 
