@@ -61,7 +61,7 @@ integration: testhost-ready
 # What only a real kernel on the unified cgroup v2 hierarchy shows, with Debian 13's systemd 257,
 # in a QEMU VM (e2e/vmhost). QEMU emulates the CPU there (TCG), 20-30 times slower than native,
 # so the VM runs only these tests, not the whole integration suite.
-VM_TESTS := TestCgroupV2.*|TestOutboundMasquerade|TestExitCodes|TestStop|TestStopContract|TestOOMKilled|TestFingerprint|TestCyclesLeaveNothing
+VM_TESTS := TestCgroupV2.*|TestOutboundMasquerade|TestExitCodes|TestStop|TestStopContract|TestOOMKilled|TestFingerprint|TestCyclesLeaveNothing|TestDevices|TestHostVolume
 vm: build
 	e2e/fixtures/build.sh
 	e2e/nomad/build.sh >/dev/null

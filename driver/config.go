@@ -64,6 +64,8 @@ var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"console_backlog":       hclspec.NewDefault(hclspec.NewAttr("console_backlog", "string", false), hclspec.NewLiteral(strconv.Quote(defaultConsoleBacklog))),
 	"allow_caps":            hclspec.NewAttr("allow_caps", "list(string)", false),
 	"allow_system_calls":    hclspec.NewAttr("allow_system_calls", "list(string)", false),
+	"allow_devices":         hclspec.NewAttr("allow_devices", "list(string)", false),
+	"allow_bind_paths":      hclspec.NewAttr("allow_bind_paths", "list(string)", false),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
@@ -83,6 +85,11 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"cap_drop":           hclspec.NewAttr("cap_drop", "list(string)", false),
 	"system_call_filter": hclspec.NewAttr("system_call_filter", "list(string)", false),
 	"no_new_privileges":  hclspec.NewAttr("no_new_privileges", "bool", false),
+	// A list of maps, as Nomad hands a jobspec's map to a driver: `credentials = { ... }` arrives
+	// as one map in a list.
+	"credentials": hclspec.NewAttr("credentials", "list(map(string))", false),
+	"devices":     hclspec.NewAttr("devices", "list(string)", false),
+	"binds":       hclspec.NewAttr("binds", "list(string)", false),
 })
 
 // PluginConfig is the plugin block of the Nomad agent configuration.
@@ -131,8 +138,13 @@ type PluginConfig struct {
 	AllowCaps []string `codec:"allow_caps"`
 	// AllowSystemCalls are the system calls and @groups a task may add to nspawn's filter.
 	AllowSystemCalls []string `codec:"allow_system_calls"`
+	// AllowDevices are the host devices a task may name in its devices.
+	AllowDevices []string `codec:"allow_devices"`
+	// AllowBindPaths are the host directories below which a task may bind paths with binds.
+	AllowBindPaths []string `codec:"allow_bind_paths"`
 
 	allowCaps           []string
+	allowBindPaths      []string
 	gcGrace             time.Duration
 	consoleBacklog      int64
 	keys                closure.TrustedKeys
@@ -172,6 +184,12 @@ type TaskConfig struct {
 	// SystemCallFilter adds ("name") or denies ("~name") system calls and @groups.
 	SystemCallFilter []string `codec:"system_call_filter"`
 	NoNewPrivileges  bool     `codec:"no_new_privileges"`
+	// Credentials maps systemd credential names to files of the task's secrets directory.
+	Credentials []map[string]string `codec:"credentials"`
+	// Devices are host devices bound into the machine, each within the plugin config's allow_devices.
+	Devices []string `codec:"devices"`
+	// Binds are "HOST:DEST[:ro]", each HOST below a directory of the plugin config's allow_bind_paths.
+	Binds []string `codec:"binds"`
 }
 
 // ifName is what Linux accepts as an interface name, without the characters ip(8) treats specially.
@@ -233,6 +251,12 @@ func (c *PluginConfig) validate() error {
 		return err
 	}
 	if err := parseAllowSystemCalls(c.AllowSystemCalls); err != nil {
+		return err
+	}
+	if err := parseAllowDevices(c.AllowDevices); err != nil {
+		return err
+	}
+	if c.allowBindPaths, err = parseAllowBindPaths(c.AllowBindPaths); err != nil {
 		return err
 	}
 	for _, t := range []struct {
@@ -357,6 +381,7 @@ type taskOptions struct {
 	storeView    string
 	substituters []closure.CacheURL
 	privileges   nspawn.Privileges
+	credentials  []nspawn.CredentialSource
 }
 
 // validate checks the task config; it runs after Nomad's interpolation, so it sees the values
@@ -423,6 +448,9 @@ func (c *TaskConfig) options() (taskOptions, error) {
 		o.storeView = storeViewHost
 	default:
 		return o, fmt.Errorf("store_view = %q: must be %q (only the closure's paths in /nix/store) or %q (the host's whole Nix store)", c.StoreView, storeViewClosure, storeViewHost)
+	}
+	if o.credentials, err = c.credentialSources(); err != nil {
+		return o, err
 	}
 	switch p := nspawn.RebootPolicy(c.RebootPolicy); p {
 	case nspawn.RebootExit, nspawn.RebootRestart:

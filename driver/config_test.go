@@ -221,19 +221,24 @@ func TestTaskConfigOptions_OK(t *testing.T) {
 		mutate func(*TaskConfig)
 		want   taskOptions
 	}{
-		{"defaults", func(*TaskConfig) {}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
-		{"ready_timeout 2m", func(c *TaskConfig) { c.ReadyTimeout = "2m" }, taskOptions{2 * time.Minute, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
-		{"ready_timeout 1h is the maximum", func(c *TaskConfig) { c.ReadyTimeout = "1h" }, taskOptions{time.Hour, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
-		{"ready_timeout 1ms", func(c *TaskConfig) { c.ReadyTimeout = "1ms" }, taskOptions{time.Millisecond, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
-		{"private_users range", func(c *TaskConfig) { c.PrivateUsers = "524288:65536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
-		{"private_users base only", func(c *TaskConfig) { c.PrivateUsers = "524288" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
-		{"private_users normalized", func(c *TaskConfig) { c.PrivateUsers = "0524288:065536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
-		{"private_users last range", func(c *TaskConfig) { c.PrivateUsers = "1878982656" }, taskOptions{90 * time.Second, "1878982656:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
-		{"reboot_policy restart", func(c *TaskConfig) { c.RebootPolicy = "restart" }, taskOptions{90 * time.Second, "pick", nspawn.RebootRestart, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
-		{"network_mode none", func(c *TaskConfig) { c.NetworkMode = "none" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkNone, "closure", nil, nspawn.Privileges{}}},
-		{"network_mode host", func(c *TaskConfig) { c.NetworkMode = "host" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkHost, "closure", nil, nspawn.Privileges{}}},
-		{"host_bridge with veth", func(c *TaskConfig) { c.HostBridge = "br0" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
-		{"init_args", func(c *TaskConfig) { c.InitArgs = []string{"systemd.unit=rescue.target", "a b", "--"} }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}}},
+		{"defaults", func(*TaskConfig) {}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"ready_timeout 2m", func(c *TaskConfig) { c.ReadyTimeout = "2m" }, taskOptions{2 * time.Minute, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"ready_timeout 1h is the maximum", func(c *TaskConfig) { c.ReadyTimeout = "1h" }, taskOptions{time.Hour, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"ready_timeout 1ms", func(c *TaskConfig) { c.ReadyTimeout = "1ms" }, taskOptions{time.Millisecond, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"private_users range", func(c *TaskConfig) { c.PrivateUsers = "524288:65536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"private_users base only", func(c *TaskConfig) { c.PrivateUsers = "524288" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"private_users normalized", func(c *TaskConfig) { c.PrivateUsers = "0524288:065536" }, taskOptions{90 * time.Second, "524288:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"private_users last range", func(c *TaskConfig) { c.PrivateUsers = "1878982656" }, taskOptions{90 * time.Second, "1878982656:65536", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"reboot_policy restart", func(c *TaskConfig) { c.RebootPolicy = "restart" }, taskOptions{90 * time.Second, "pick", nspawn.RebootRestart, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"network_mode none", func(c *TaskConfig) { c.NetworkMode = "none" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkNone, "closure", nil, nspawn.Privileges{}, nil}},
+		{"network_mode host", func(c *TaskConfig) { c.NetworkMode = "host" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkHost, "closure", nil, nspawn.Privileges{}, nil}},
+		{"host_bridge with veth", func(c *TaskConfig) { c.HostBridge = "br0" }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"init_args", func(c *TaskConfig) { c.InitArgs = []string{"systemd.unit=rescue.target", "a b", "--"} }, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, nil}},
+		{"credentials, sorted by name", func(c *TaskConfig) {
+			c.Credentials = []map[string]string{{"tls.key": "secrets/tls/server.key", "db-password": "db-password"}}
+		}, taskOptions{90 * time.Second, "pick", nspawn.RebootExit, nspawn.NetworkVeth, "closure", nil, nspawn.Privileges{}, []nspawn.CredentialSource{
+			{Name: "db-password", File: "db-password"}, {Name: "tls.key", File: "tls/server.key"},
+		}}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -285,6 +290,12 @@ func TestTaskConfigOptions_Errors(t *testing.T) {
 		{"substituter with user", func(c *TaskConfig) { c.Substituters = []string{"https://a:b@cache"} }, "substituters[0]", `"https://a:xxxxx@cache" must be a binary cache URL without user`},
 		{"store_view all", func(c *TaskConfig) { c.StoreView = "all" }, "store_view", `"all"`},
 		{"empty port label", func(c *TaskConfig) { c.Ports = []string{"http", ""} }, "ports[1]", `""`},
+		{"credential name with a colon", func(c *TaskConfig) { c.Credentials = []map[string]string{{"a:b": "x"}} }, "credentials name", `"a:b"`},
+		{"credential name with a slash", func(c *TaskConfig) { c.Credentials = []map[string]string{{"a/b": "x"}} }, "credentials name", `"a/b"`},
+		{"credential file escaping", func(c *TaskConfig) { c.Credentials = []map[string]string{{"db": "../local/x"}} }, "credentials.db", `"../local/x"`},
+		{"credential file absolute", func(c *TaskConfig) { c.Credentials = []map[string]string{{"db": "/etc/shadow"}} }, "credentials.db", `"/etc/shadow"`},
+		{"credential given twice", func(c *TaskConfig) { c.Credentials = []map[string]string{{"db": "a"}, {"db": "b"}} }, "credentials name", `"db": given twice`},
+		{"credential file empty", func(c *TaskConfig) { c.Credentials = []map[string]string{{"db": ""}} }, "credentials.db", `""`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

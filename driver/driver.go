@@ -61,6 +61,9 @@ var capabilities = &drivers.Capabilities{
 	FSIsolation: fsisolation.Image,
 	// group is declared so that a bridge-mode job reaches StartTask, which says why it cannot run.
 	NetIsolationModes: []drivers.NetIsolationMode{drivers.NetIsolationModeHost, drivers.NetIsolationModeGroup},
+	// Host and CSI volumes become idmapped binds. (Nomad's client does not ask an external
+	// plugin for this over gRPC, and takes "all" either way.)
+	MountConfigs: drivers.MountConfigSupportAll,
 }
 
 var (
@@ -212,11 +215,6 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if !pc.Enabled {
 		return nil, nil, errors.New("the nixos-nspawn driver is disabled in the plugin config (enabled = false)")
 	}
-	// Nomad cannot learn from an external plugin that it takes no mounts (MountConfigs does not
-	// cross gRPC): refuse them rather than start a machine without what the job asked for.
-	if len(cfg.Mounts) > 0 || len(cfg.Devices) > 0 {
-		return nil, nil, fmt.Errorf("the nixos-nspawn driver does not support volume_mount, mount or device blocks yet (task has %d mounts, %d devices)", len(cfg.Mounts), len(cfg.Devices))
-	}
 	var tc TaskConfig
 	if err := cfg.DecodeDriverConfig(&tc); err != nil {
 		return nil, nil, fmt.Errorf("decoding task config: %w", err)
@@ -289,7 +287,7 @@ func (d *Driver) start(m *machine, cfg *drivers.TaskConfig, tc TaskConfig, opts 
 	d.mu.RUnlock()
 	ctx, cancel := context.WithTimeout(d.ctx, registerTimeout+time.Minute)
 	defer cancel()
-	st, err := m.launch(ctx, cfg, spec, link, fw)
+	st, err := m.launch(ctx, cfg, spec, opts.credentials, link, fw)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -561,23 +561,17 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 		{"a profile link", "", "a symbolic link, and the driver does not follow links; give the store path it points to, as `readlink -f", nil},
 		{"missing", "/nix/store/00000000000000000000000000000000-nixos-system-gone", "is not in the host's Nix store and the host's Nix could not realise it", nil},
 		{"has a kernel", "", "has a kernel", nil},
-		{"a volume mount", "", "does not support volume_mount, mount or device blocks", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			toplevel := tc.toplevel
 			switch tc.name {
 			case "has a kernel":
 				toplevel = fixture(t, "NIXOS_NSPAWN_KERNEL_TOPLEVEL")
-			case "a volume mount":
-				toplevel = tinyToplevel(t)
 			case "a profile link":
 				toplevel = filepath.Join(t.TempDir(), "web")
 				must.NoError(t, os.Symlink(tinyToplevel(t), toplevel))
 			}
 			cfg := td.newTask(t, "bad", toplevel, tc.args)
-			if tc.name == "a volume mount" {
-				cfg.Mounts = []*drivers.MountConfig{{TaskPath: "/data", HostPath: "/srv/data"}}
-			}
 			_, _, err := td.StartTask(cfg)
 			must.ErrorContains(t, err, tc.want)
 			must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))

@@ -286,6 +286,10 @@ func inventory(t *testing.T, dataDir string) []string {
 	for _, e := range entries {
 		out = append(out, "dir "+e.Name())
 	}
+	staged, _ := os.ReadDir(credentialsRunDir)
+	for _, e := range staged {
+		out = append(out, "staged credentials "+e.Name())
+	}
 	forwarded, err := hostnet.ForwardedMachines()
 	must.NoError(t, err)
 	for m := range forwarded {

@@ -31,7 +31,8 @@ import (
 //	console.*  the console log and the forwarder's files (package console)
 //
 // Outside it are the units, the registration with machined, a veth link, port forwards and
-// the importer's GC root of the closure, all named after the machine. A machine is made once
+// the importer's GC root of the closure, all named after the machine, and the staged
+// credentials in credentialsRunDir/<machine>. A machine is made once
 // per start (Driver.machine) or recovery (Driver.recoveredMachine) with what it depends on.
 type machine struct {
 	name    string
@@ -78,6 +79,7 @@ func (m *machine) storeView() string      { return filepath.Join(m.dir, "store")
 func (m *machine) exitFile() string       { return filepath.Join(m.dir, "exit") }
 func (m *machine) addressFile() string    { return filepath.Join(m.dir, "address") }
 func (m *machine) console() console.Files { return console.Files{Dir: m.dir} }
+func (m *machine) credentialsDir() string { return filepath.Join(credentialsRunDir, m.name) }
 func (m *machine) vethHost() string       { return hostnet.NewVeth(m.name, hostnet.Addressing{}).Host }
 func (m *machine) recordedExit() (nspawn.UnitStatus, bool, error) {
 	return nspawn.ReadExitFile(m.exitFile())
@@ -103,7 +105,7 @@ func (l *machineLink) describe() string {
 // launch prepares the root and starts the unit and its console forwarder, returning once
 // machined registered the machine or the machine already ended (a guest may finish in
 // milliseconds; its exit is reported by WaitTask).
-func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspawn.Spec, link *machineLink, fw nspawn.Forwarder) (nspawn.UnitStatus, error) {
+func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspawn.Spec, creds []nspawn.CredentialSource, link *machineLink, fw nspawn.Forwarder) (nspawn.UnitStatus, error) {
 	if err := nspawn.PrepareRoot(spec.Root); err != nil {
 		return nspawn.UnitStatus{}, err
 	}
@@ -131,6 +133,13 @@ func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nsp
 		if len(skipped) > 0 {
 			m.logger.Warn("environment variables with names systemd rejects were left out", "names", skipped)
 		}
+	}
+	if len(creds) > 0 {
+		staged, err := nspawn.StageCredentials(cfg.TaskDir().SecretsDir, m.credentialsDir(), creds)
+		if err != nil {
+			return nspawn.UnitStatus{}, fmt.Errorf("credentials: %w; files are read from the task's secrets directory, where a template with destination = \"secrets/<file>\" or a Vault or workload identity file puts them", err)
+		}
+		spec.Credentials = staged
 	}
 	if err := console.Prepare(m.dir); err != nil {
 		return nspawn.UnitStatus{}, err
@@ -203,6 +212,9 @@ func (m *machine) remove(ctx context.Context) error {
 	}
 	if err := os.RemoveAll(m.dir); err != nil {
 		return fmt.Errorf("removing %s: %w", m.dir, err)
+	}
+	if err := os.RemoveAll(m.credentialsDir()); err != nil {
+		return fmt.Errorf("removing the staged credentials of machine %s: %w", m.name, err)
 	}
 	if err := hostnet.DeleteVeth(m.vethHost()); err != nil {
 		return fmt.Errorf("removing the veth link of machine %s: %w", m.name, err)

@@ -61,6 +61,21 @@ func (d *Driver) machineSpec(m *machine, cfg *drivers.TaskConfig, tc *TaskConfig
 			{Source: dir.SecretsDir, Dest: "/secrets"},
 		}
 	}
+	volumes, err := volumeBinds(cfg.Mounts)
+	if err != nil {
+		return nil, err
+	}
+	binds, err := taskBinds(tc.Binds, pc.allowBindPaths)
+	if err != nil {
+		return nil, err
+	}
+	if err := distinctDests(volumes, binds); err != nil {
+		return nil, err
+	}
+	s.Binds = append(append(s.Binds, volumes...), binds...)
+	if s.Devices, err = machineDevices(tc, cfg.Devices, pc.AllowDevices); err != nil {
+		return nil, err
+	}
 	if err := s.Validate(); err != nil {
 		return nil, err
 	}

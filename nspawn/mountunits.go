@@ -27,7 +27,7 @@ const (
 )
 
 // GuestMounts are the machine's mount points that the driver binds: its /nix/store and the
-// paths in it, and the task's directories.
+// paths in it, the task's directories, volumes and binds, and its devices.
 func (s *Spec) GuestMounts() []string {
 	mounts := []string{guestStore}
 	for _, p := range s.Store.Paths {
@@ -37,6 +37,9 @@ func (s *Spec) GuestMounts() []string {
 	}
 	for _, b := range s.Binds {
 		mounts = append(mounts, b.Dest)
+	}
+	for _, d := range s.Devices {
+		mounts = append(mounts, d.Dest)
 	}
 	return mounts
 }

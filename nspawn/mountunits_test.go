@@ -17,9 +17,10 @@ func TestGuestMounts(t *testing.T) {
 			Paths: []string{"abc-hello", "def-link"},
 			Links: map[string]string{"def-link": "abc-hello"},
 		},
-		Binds: []Bind{{Source: "/a", Dest: "/alloc"}, {Source: "/a/logs", Dest: "/alloc/logs", ReadOnly: true}},
+		Binds:   []Bind{{Source: "/a", Dest: "/alloc"}, {Source: "/a/logs", Dest: "/alloc/logs", ReadOnly: true}, {Source: "/srv/pg", Dest: "/var/lib/postgresql", IDMap: true}},
+		Devices: []Device{{Source: "/dev/fuse", Dest: "/dev/fuse", Access: "rwm"}},
 	}
-	must.Eq(t, []string{"/nix/store", "/nix/store/abc-hello", "/alloc", "/alloc/logs"}, s.GuestMounts())
+	must.Eq(t, []string{"/nix/store", "/nix/store/abc-hello", "/alloc", "/alloc/logs", "/var/lib/postgresql", "/dev/fuse"}, s.GuestMounts())
 }
 
 func TestWriteMountDropins(t *testing.T) {

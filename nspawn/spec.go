@@ -38,6 +38,30 @@ type Bind struct {
 	Source   string
 	Dest     string
 	ReadOnly bool
+	// IDMap shows the files with their host owners inside the machine (host UID 0 is the
+	// guest's root, host UID 33 the guest's UID 33), through an idmapped mount, instead of as
+	// nobody; the host filesystem must support it (CheckIDMap).
+	IDMap bool
+}
+
+func (b Bind) arg() string {
+	flag := "--bind="
+	if b.ReadOnly {
+		flag = "--bind-ro="
+	}
+	arg := flag + b.Source + ":" + b.Dest
+	if b.IDMap {
+		arg += ":idmap"
+	}
+	return arg
+}
+
+// Device is a host device node bound into the machine, with the unit's DeviceAllow= for it.
+type Device struct {
+	Source string
+	Dest   string
+	// Access is DeviceAllow='s "r", "w" and "m" letters.
+	Access string
 }
 
 // Spec describes one machine: everything needed to build its unit and nspawn command line.
@@ -61,6 +85,9 @@ type Spec struct {
 	// PrivateUsers is "pick" or "BASE:SIZE".
 	PrivateUsers string
 	Binds        []Bind
+	Devices      []Device
+	// Credentials become system credentials of the guest's systemd.
+	Credentials []Credential
 	// Env is given to the guest's PID 1.
 	Env map[string]string
 	// UnifiedCgroup makes nspawn give the guest a cgroup v2 hierarchy, which a NixOS root cannot
@@ -185,11 +212,13 @@ func (s *Spec) Args() []string {
 		args = append(args, "--uuid="+s.UUID)
 	}
 	for _, b := range s.Binds {
-		flag := "--bind="
-		if b.ReadOnly {
-			flag = "--bind-ro="
-		}
-		args = append(args, flag+b.Source+":"+b.Dest)
+		args = append(args, b.arg())
+	}
+	for _, d := range s.Devices {
+		args = append(args, "--bind="+d.Source+":"+d.Dest)
+	}
+	for _, c := range s.Credentials {
+		args = append(args, "--load-credential="+c.Name+":"+c.Path)
 	}
 	keys := make([]string, 0, len(s.Env))
 	for k := range s.Env {
@@ -243,6 +272,21 @@ func (s *Spec) Validate() error {
 			if !filepath.IsAbs(p) || strings.ContainsAny(p, unsafeInBind) {
 				return fmt.Errorf("bind path %q must be absolute and contain no ':', '\\' or control characters", p)
 			}
+		}
+	}
+	for _, d := range s.Devices {
+		for _, p := range []string{d.Source, d.Dest} {
+			if !filepath.IsAbs(p) || strings.ContainsAny(p, unsafeInBind) {
+				return fmt.Errorf("device path %q must be absolute and contain no ':', '\\' or control characters", p)
+			}
+		}
+		if d.Access == "" || strings.Trim(d.Access, "rwm") != "" {
+			return fmt.Errorf("device %q: access %q must be letters of r, w and m", d.Source, d.Access)
+		}
+	}
+	for _, c := range s.Credentials {
+		if !ValidCredentialName(c.Name) || !filepath.IsAbs(c.Path) || strings.ContainsAny(c.Path, unsafeInBind) {
+			return fmt.Errorf("credential %q from %q: the name must be a valid credential name, the path absolute without ':', '\\' or control characters", c.Name, c.Path)
 		}
 	}
 	// The command line travels to systemd over D-Bus, whose strings are UTF-8 without NUL;

@@ -117,7 +117,7 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		prop("StandardError", "inherit"),
 		// As systemd-nspawn@.service: no device nodes but the ones a container needs.
 		prop("DevicePolicy", "closed"),
-		prop("DeviceAllow", []deviceAllow{{"/dev/net/tun", "rwm"}, {"char-pts", "rw"}}),
+		prop("DeviceAllow", s.deviceAllow()),
 	}
 	// No tmpfs of nspawn's on /tmp: a mount made outside the guest's user namespace is locked
 	// there, and the guest's systemd fails to unmount it at poweroff (mountunits.go). /tmp is
@@ -153,6 +153,16 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		props = append(props, prop("TasksMax", r.TasksMax))
 	}
 	return props, nil
+}
+
+// deviceAllow is what the machine may open: what a container needs, as systemd-nspawn@.service
+// allows it, and the spec's devices.
+func (s *Spec) deviceAllow() []deviceAllow {
+	out := []deviceAllow{{"/dev/net/tun", "rwm"}, {"char-pts", "rw"}}
+	for _, d := range s.Devices {
+		out = append(out, deviceAllow{d.Source, d.Access})
+	}
+	return out
 }
 
 // execStart is a unit's command, passed exactly. systemd expands $VAR, ${VAR} and $$ in

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -265,5 +266,40 @@ func TestCPUMask_Invalid(t *testing.T) {
 			must.Nil(t, got)
 			must.StrContains(t, err.Error(), `"`+list+`"`)
 		})
+	}
+}
+
+// Volumes are idmapped binds, devices binds with a DeviceAllow= entry each besides a container's
+// own, credentials --load-credential from their staged copies.
+func TestStorageArgsAndDeviceAllow(t *testing.T) {
+	s := testSpec()
+	s.Binds = append(s.Binds,
+		Bind{Source: "/srv/pg", Dest: "/var/lib/postgresql", IDMap: true},
+		Bind{Source: "/srv/conf", Dest: "/etc-app", ReadOnly: true, IDMap: true})
+	s.Devices = []Device{{Source: "/dev/fuse", Dest: "/dev/fuse", Access: "rwm"}, {Source: "/dev/dri/renderD128", Dest: "/dev/dri/renderD128", Access: "rw"}}
+	s.Credentials = []Credential{{Name: "db-password", Path: "/run/nomad-driver-nixos/credentials/m/db-password"}}
+	must.NoError(t, s.Validate())
+	args := strings.Join(s.Args(), "\n")
+	for _, want := range []string{
+		"--bind=/srv/pg:/var/lib/postgresql:idmap",
+		"--bind-ro=/srv/conf:/etc-app:idmap",
+		"--bind=/dev/fuse:/dev/fuse",
+		"--bind=/dev/dri/renderD128:/dev/dri/renderD128",
+		"--load-credential=db-password:/run/nomad-driver-nixos/credentials/m/db-password",
+	} {
+		must.StrContains(t, args, want+"\n")
+	}
+	props := unitProps(t, s)
+	must.Eq(t, []deviceAllow{{"/dev/net/tun", "rwm"}, {"char-pts", "rw"}, {"/dev/fuse", "rwm"}, {"/dev/dri/renderD128", "rw"}}, props["DeviceAllow"].Value().([]deviceAllow))
+
+	for _, bad := range []func(*Spec){
+		func(s *Spec) { s.Devices = []Device{{Source: "/dev/a:b", Dest: "/dev/a", Access: "rwm"}} },
+		func(s *Spec) { s.Devices = []Device{{Source: "/dev/fuse", Dest: "/dev/fuse", Access: "x"}} },
+		func(s *Spec) { s.Credentials = []Credential{{Name: "a:b", Path: "/run/x"}} },
+		func(s *Spec) { s.Credentials = []Credential{{Name: "ok", Path: "relative"}} },
+	} {
+		s := testSpec()
+		bad(s)
+		must.Error(t, s.Validate())
 	}
 }

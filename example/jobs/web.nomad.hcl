@@ -12,6 +12,10 @@
 # (or push it to a binary cache the client uses and run `nix-store --realise "$toplevel"`
 # there). The driver roots the closure while the allocation runs. To ship the closure with
 # the job instead, see web-artifact.nomad.hcl.
+#
+# The page's greeting is a credential of the machine, from a Nomad variable the job reads:
+#   nomad var put nomad/jobs/web greeting="Hello from a credential"
+# Until the variable exists the template holds the task back.
 
 variable "toplevel" {
   type        = string
@@ -35,6 +39,21 @@ job "web" {
         toplevel      = var.toplevel
         ready_timeout = "2m"
         ports         = ["http"]
+        # secrets/greeting becomes the machine's credential "greeting",
+        # which web-page.service takes with LoadCredential=greeting.
+        credentials = {
+          greeting = "secrets/greeting"
+        }
+      }
+
+      # Only root of the host reads the rendered file (the machine sees it
+      # as nobody's); the guest service gets the credential. A new value
+      # restarts the task, and the new machine has the new credential.
+      template {
+        destination = "secrets/greeting"
+        perms       = "0600"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/web\" }}{{ .greeting }}{{ end }}"
       }
 
       # Room for the guest's orderly shutdown (systemd stops nginx and the

@@ -41,6 +41,22 @@ in
       '';
     };
 
+    credentials = lib.mkOption {
+      type = lib.types.attrsOf (lib.types.listOf lib.types.str);
+      default = { };
+      example = { web-page = [ "greeting" ]; postgresql = [ "db-password" ]; };
+      description = ''
+        Credentials of the machine each service of `systemd.services` gets,
+        by name: the names of the task config's `credentials` map, whose
+        files the driver hands to the machine's systemd. Each becomes
+        `LoadCredential=NAME`, so the service reads it from
+        `$CREDENTIALS_DIRECTORY/NAME` (`%d/NAME` in unit settings), readable
+        by the service's user alone. A service whose credential the task
+        did not give starts without it (systemd skips a missing system
+        credential), so a service that needs it should check for the file.
+      '';
+    };
+
     forwardJournalToConsole = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -134,6 +150,10 @@ in
         # A list, so that it adds to a service's own EnvironmentFile= entries.
         serviceConfig.EnvironmentFile = [ "-${cfg.envFile}" ];
       }))
+      (lib.mapAttrs (_: names: {
+        # A list, so that it adds to a service's own LoadCredential= entries.
+        serviceConfig.LoadCredential = names;
+      }) cfg.credentials)
       (lib.optionalAttrs (mainName != null) {
         ${mainName}.unitConfig = {
           SuccessAction = "exit";
@@ -153,6 +173,10 @@ in
         assertion = config.systemd.services.${name}.serviceConfig ? ExecStart;
         message = "nomad.guest.envFileServices: systemd.services.${name} has no ExecStart (or script); is the name right?";
       }) cfg.envFileServices
+      ++ lib.mapAttrsToList (name: _: {
+        assertion = config.systemd.services.${name}.serviceConfig ? ExecStart;
+        message = "nomad.guest.credentials: systemd.services.${name} has no ExecStart (or script); is the name right?";
+      }) cfg.credentials
       ++ lib.optional (mainName != null) {
         assertion = mainService.serviceConfig ? ExecStart;
         message = "nomad.guest.mainUnit: systemd.services.${mainName} has no ExecStart (or script); is the name right?";

@@ -16,6 +16,9 @@
   # nginx cannot put environment variables into a page, so a unit that reads
   # the task environment writes it at boot.
   nomad.guest.envFileServices = [ "web-page" ];
+  # The job's template renders the greeting into secrets/greeting, and its
+  # task config makes it the machine's credential "greeting".
+  nomad.guest.credentials.web-page = [ "greeting" ];
   systemd.services.web-page = {
     description = "Write the page nginx serves";
     wantedBy = [ "multi-user.target" ];
@@ -33,6 +36,7 @@
       <title>''${NOMAD_JOB_NAME:-web}</title>
       <p>Hello from NixOS in a systemd-nspawn machine.</p>
       <p>Allocation ''${NOMAD_ALLOC_ID:-none (not started by Nomad)}, task ''${NOMAD_TASK_NAME:-none}.</p>
+      <p>$(cat "$CREDENTIALS_DIRECTORY/greeting")</p>
       EOF
       echo "web-page: wrote /run/web/index.html for allocation ''${NOMAD_ALLOC_ID:-none}"
     '';
