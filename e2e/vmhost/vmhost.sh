@@ -37,7 +37,9 @@ IMAGE_DIR=$CACHE_DIR/vmhost-$SUITE
 NIX_DIR=$CACHE_DIR/vmhost-nix
 BOOT_TIMEOUT=${NIXOS_NSPAWN_VM_BOOT_TIMEOUT:-600}
 VM_MEMORY=${NIXOS_NSPAWN_VM_MEMORY:-3072}
-INCLUDE=systemd,systemd-sysv,dbus,systemd-container,iproute2,nftables,e2fsprogs,util-linux,procps,kmod,linux-image-amd64,openssh-server
+# containernetworking-plugins and iptables: Nomad's bridge mode (the CNI reference plugins, whose
+# firewall and portmap plugins drive iptables).
+INCLUDE=systemd,systemd-sysv,dbus,systemd-container,iproute2,nftables,e2fsprogs,util-linux,procps,kmod,linux-image-amd64,openssh-server,containernetworking-plugins,iptables
 EXTRA_PACKAGES=(nix-bin)
 # Bump when the image recipe (below) changes; the stamp mismatch forces a rebuild.
 IMAGE_VERSION="v1 $SUITE minbase $INCLUDE ${EXTRA_PACKAGES[*]}"
