@@ -276,12 +276,15 @@ func (d *Driver) start(m *machine, cfg *drivers.TaskConfig, tc TaskConfig, opts 
 	var link *machineLink
 	var network *drivers.DriverNetwork
 	if ns := spec.Network.NamespacePath; ns != "" {
-		before, err := hostnet.LowerUnprivilegedPortStart(ns, 0)
-		if err != nil {
-			return nil, nil, err
-		}
 		msg := "machine runs in the task group's network namespace " + ns
-		if before > 0 {
+		// Not fatal: a guest that binds no low port runs well without it. It fails where
+		// /proc/sys is read-only, as in a host that is itself a container.
+		before, err := hostnet.LowerUnprivilegedPortStart(ns, 0)
+		switch {
+		case err != nil:
+			msg += fmt.Sprintf("; guest services there cannot bind ports below %d: %v", before, err)
+			d.logger.Warn("cannot lower ip_unprivileged_port_start in the group's namespace", "task_id", cfg.ID, "error", err)
+		case before > 0:
 			msg += fmt.Sprintf("; ports below %d opened to every process there (net.ipv4.ip_unprivileged_port_start = 0), as the guest holds no capabilities over it", before)
 		}
 		d.emitter(cfg)(msg, nil)

@@ -18,10 +18,12 @@ import (
 const unprivilegedPortStart = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
 
 // LowerUnprivilegedPortStart sets net.ipv4.ip_unprivileged_port_start of the network namespace
-// at path to port, unless it is that low already, and returns the value it had. A guest's root
-// holds its capabilities only over its own user namespace, not over a namespace the host's
-// owns, so without it no guest service could bind port 80 there. The value covers IPv6 too.
+// at path to port, unless it is that low already, and returns the value it had (1024, the
+// kernel's default, when it cannot be read). A guest's root holds its capabilities only over its
+// own user namespace, not over a namespace the host's owns, so without it no guest service
+// could bind port 80 there. The value covers IPv6 too.
 func LowerUnprivilegedPortStart(path string, port int) (before int, err error) {
+	before = 1024
 	ch := make(chan error, 1)
 	go func() {
 		// The thread enters the namespace and is never unlocked: Go ends it with this goroutine
@@ -38,13 +40,15 @@ func LowerUnprivilegedPortStart(path string, port int) (before int, err error) {
 			return
 		}
 		b, err := os.ReadFile(unprivilegedPortStart)
+		var v int
 		if err == nil {
-			before, err = strconv.Atoi(strings.TrimSpace(string(b)))
+			v, err = strconv.Atoi(strings.TrimSpace(string(b)))
 		}
 		if err != nil {
 			ch <- fmt.Errorf("reading %s in network namespace %s: %w", unprivilegedPortStart, path, err)
 			return
 		}
+		before = v
 		if before > port {
 			if err := os.WriteFile(unprivilegedPortStart, []byte(strconv.Itoa(port)), 0o644); err != nil {
 				ch <- fmt.Errorf("writing %s in network namespace %s: %w", unprivilegedPortStart, path, err)
