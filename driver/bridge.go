@@ -78,7 +78,7 @@ func (c *TaskConfig) groupNetwork(iso *drivers.NetworkIsolationSpec) error {
 		return fmt.Errorf("ports = %q: %s, and Nomad maps the group's ports into it; remove ports from the task config and give each port of the group's network block its to = <port in the guest>", c.Ports, why)
 	}
 	if iso.Path == "" {
-		return errors.New("Nomad gave the task group's network namespace without a path")
+		return errors.New("the task group's network namespace came from Nomad without a path")
 	}
 	if err := isNetNamespace(iso.Path); err != nil {
 		return fmt.Errorf("the task group's network namespace %s: %w", iso.Path, err)
