@@ -13,7 +13,7 @@ INTEGRATION_PKGS := closure driver
 # copied where the test host sees it.
 RCLONE := $(BUILD)/rclone
 
-.PHONY: all build helper rclone lint unit testhost-ready integration vm nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
+.PHONY: all build helper rclone lint unit testhost-ready integration vm-ready vm vm-bench-bridge nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
 
 all: build
 
@@ -62,18 +62,38 @@ integration: testhost-ready
 # in a QEMU VM (e2e/vmhost). QEMU emulates the CPU there (TCG), 20-30 times slower than native,
 # so the VM runs only these tests, not the whole integration suite.
 VM_TESTS := TestCgroupV2.*|TestOutboundMasquerade|TestExitCodes|TestStop|TestStopContract|TestOOMKilled|TestFingerprint|TestCyclesLeaveNothing|TestDevices|TestHostVolume
-vm: build
+# Nomad's bridge mode under a real agent with the CNI plugins (TestBridge): it makes a bridge and
+# iptables rules in the host's network namespace, so it runs only in the VM host, after the suite
+# above.
+VM_BRIDGE_TESTS := TestBridge
+VM_ENV = NIXOS_NSPAWN_REQUIRE_CGROUP_V2=1 NIXOS_NSPAWN_TEST_TIME_SCALE=5 \
+	NIXOS_NSPAWN_NOMAD=$$($(CURDIR)/e2e/nomad/build.sh) NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN)
+vm-ready: build
 	e2e/fixtures/build.sh
 	e2e/nomad/build.sh >/dev/null
 	CGO_ENABLED=0 $(GO) test -c -tags integration -o $(BUILD)/driver.integration.test ./driver
 	$(VMHOST) up
+
+vm: vm-ready
 	@set -a; . $(FIXTURES_ENV); set +a; \
 	echo "== integration tests of driver (in the cgroup v2 VM host): $(VM_TESTS)"; \
 	start=$$(date +%s); \
-	(cd driver && NIXOS_NSPAWN_REQUIRE_CGROUP_V2=1 NIXOS_NSPAWN_TEST_TIME_SCALE=5 \
-		NIXOS_NSPAWN_NOMAD=$$($(CURDIR)/e2e/nomad/build.sh) NIXOS_NSPAWN_PLUGIN=$(CURDIR)/$(PLUGIN) $(CURDIR)/$(VMHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+	(cd driver && $(VM_ENV) $(CURDIR)/$(VMHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.v -test.count=1 -test.timeout=40m -test.run '^($(VM_TESTS))$$'); rc=$$?; \
 	echo "== VM suite: $$(( $$(date +%s) - start ))s, exit $$rc"; \
+	echo "== bridge mode under a real agent (in the VM host): $(VM_BRIDGE_TESTS)"; \
+	start=$$(date +%s); \
+	(cd driver && $(VM_ENV) $(CURDIR)/$(VMHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+		-test.v -test.count=1 -test.timeout=40m -test.run '^($(VM_BRIDGE_TESTS))$$'); brc=$$?; \
+	echo "== VM bridge suite: $$(( $$(date +%s) - start ))s, exit $$brc"; \
+	$(VMHOST) down; [ $$rc -eq 0 ] && [ $$brc -eq 0 ]
+
+# From `nomad job run` to a service answering, bridge mode vs the driver's veth (see the README's
+# Performance), in the VM host.
+vm-bench-bridge: vm-ready
+	@set -a; . $(FIXTURES_ENV); set +a; \
+	(cd driver && $(VM_ENV) $(CURDIR)/$(VMHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
+		-test.run '^$$' -test.bench JobRunToAnswer -test.benchtime $(or $(BENCHTIME),3x)); rc=$$?; \
 	$(VMHOST) down; exit $$rc
 
 # A real Nomad v1.11.3 agent (built from source, cached) runs the driver inside the test host; the

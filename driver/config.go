@@ -66,15 +66,17 @@ var pluginConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"allow_system_calls":    hclspec.NewAttr("allow_system_calls", "list(string)", false),
 	"allow_devices":         hclspec.NewAttr("allow_devices", "list(string)", false),
 	"allow_bind_paths":      hclspec.NewAttr("allow_bind_paths", "list(string)", false),
+	"cni_path":              hclspec.NewDefault(hclspec.NewAttr("cni_path", "string", false), hclspec.NewLiteral(strconv.Quote(defaultCNIPath))),
 })
 
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
-	"toplevel":           hclspec.NewAttr("toplevel", "string", true),
-	"init_args":          hclspec.NewAttr("init_args", "list(string)", false),
-	"ready_timeout":      hclspec.NewDefault(hclspec.NewAttr("ready_timeout", "string", false), hclspec.NewLiteral(strconv.Quote(defaultReadyTimeout))),
-	"private_users":      hclspec.NewDefault(hclspec.NewAttr("private_users", "string", false), hclspec.NewLiteral(`"pick"`)),
-	"reboot_policy":      hclspec.NewDefault(hclspec.NewAttr("reboot_policy", "string", false), hclspec.NewLiteral(`"exit"`)),
-	"network_mode":       hclspec.NewDefault(hclspec.NewAttr("network_mode", "string", false), hclspec.NewLiteral(`"veth"`)),
+	"toplevel":      hclspec.NewAttr("toplevel", "string", true),
+	"init_args":     hclspec.NewAttr("init_args", "list(string)", false),
+	"ready_timeout": hclspec.NewDefault(hclspec.NewAttr("ready_timeout", "string", false), hclspec.NewLiteral(strconv.Quote(defaultReadyTimeout))),
+	"private_users": hclspec.NewDefault(hclspec.NewAttr("private_users", "string", false), hclspec.NewLiteral(`"pick"`)),
+	"reboot_policy": hclspec.NewDefault(hclspec.NewAttr("reboot_policy", "string", false), hclspec.NewLiteral(`"exit"`)),
+	// No default: a bridge-mode group must tell a network_mode the task set from none.
+	"network_mode":       hclspec.NewAttr("network_mode", "string", false),
 	"host_bridge":        hclspec.NewAttr("host_bridge", "string", false),
 	"binary_cache":       hclspec.NewAttr("binary_cache", "string", false),
 	"export":             hclspec.NewAttr("export", "string", false),
@@ -142,6 +144,9 @@ type PluginConfig struct {
 	AllowDevices []string `codec:"allow_devices"`
 	// AllowBindPaths are the host directories below which a task may bind paths with binds.
 	AllowBindPaths []string `codec:"allow_bind_paths"`
+	// CNIPath is where the CNI plugins of Nomad's bridge mode are, as the agent's cni_path:
+	// directories separated by ':'.
+	CNIPath string `codec:"cni_path"`
 
 	allowCaps           []string
 	allowBindPaths      []string
@@ -258,6 +263,14 @@ func (c *PluginConfig) validate() error {
 	}
 	if c.allowBindPaths, err = parseAllowBindPaths(c.AllowBindPaths); err != nil {
 		return err
+	}
+	if c.CNIPath == "" {
+		c.CNIPath = defaultCNIPath
+	}
+	for _, dir := range filepath.SplitList(c.CNIPath) {
+		if !filepath.IsAbs(dir) {
+			return fmt.Errorf("cni_path = %q: must be absolute directories separated by ':', as the agent's cni_path (%q is not absolute)", c.CNIPath, dir)
+		}
 	}
 	for _, t := range []struct {
 		field, name string

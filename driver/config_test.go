@@ -330,7 +330,6 @@ func TestTaskConfigSchema_Defaults(t *testing.T) {
 		ReadyTimeout: "2m",
 		PrivateUsers: "pick",
 		RebootPolicy: "exit",
-		NetworkMode:  "veth",
 		StoreView:    "closure",
 	}, tc)
 	// The defaults are themselves valid.
@@ -388,6 +387,7 @@ func TestPluginConfigSchema_Defaults(t *testing.T) {
 		AddressPool:         "10.235.0.0/16",
 		AddressPoolIPv6:     "fd35:6e78:6f73::/48",
 		ConsoleBacklog:      "1GiB",
+		CNIPath:             "/opt/cni/bin:/usr/lib/cni",
 	}, pc)
 	must.NoError(t, pc.validate())
 }
@@ -425,6 +425,7 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
   max_substitution_jobs = 4
   gc_grace         = "10m"
   console_backlog  = "64MiB"
+  cni_path         = "/usr/lib/cni"
 }`, "SECRETS", secrets), &pc)
 	must.Eq(t, PluginConfig{
 		Enabled:             false,
@@ -448,6 +449,7 @@ func TestPluginConfigSchema_AllFields(t *testing.T) {
 		AddressPool:         "10.235.0.0/16",
 		AddressPoolIPv6:     "fd35:6e78:6f73::/48",
 		ConsoleBacklog:      "64MiB",
+		CNIPath:             "/usr/lib/cni",
 	}, pc)
 	must.NoError(t, pc.validate())
 	must.EqOp(t, 10*time.Minute, pc.gcGrace)

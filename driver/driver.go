@@ -59,7 +59,7 @@ var capabilities = &drivers.Capabilities{
 	Exec:        true,
 	// The machine gets Nomad's alloc, local and secrets directories bound in, like docker does.
 	FSIsolation: fsisolation.Image,
-	// group is declared so that a bridge-mode job reaches StartTask, which says why it cannot run.
+	// group: the machine runs in the task group's namespace (bridge mode), which Nomad makes.
 	NetIsolationModes: []drivers.NetIsolationMode{drivers.NetIsolationModeHost, drivers.NetIsolationModeGroup},
 	// Host and CSI volumes become idmapped binds. (Nomad's client does not ask an external
 	// plugin for this over gRPC, and takes "all" either way.)
@@ -223,6 +223,15 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if err != nil {
 		return nil, nil, err
 	}
+	if iso := cfg.NetworkIsolation; iso != nil && iso.Mode == drivers.NetIsolationModeGroup {
+		if err := tc.groupNetwork(iso); err != nil {
+			return nil, nil, err
+		}
+		if err := d.bridgeUsable(); err != nil {
+			return nil, nil, err
+		}
+		opts.networkMode = nspawn.NetworkGroup
+	}
 	if opts.privileges, err = tc.privileges(pc, opts.networkMode); err != nil {
 		return nil, nil, err
 	}
@@ -264,6 +273,20 @@ func (d *Driver) start(m *machine, cfg *drivers.TaskConfig, tc TaskConfig, opts 
 	}
 	var link *machineLink
 	var network *drivers.DriverNetwork
+	if ns := spec.Network.NamespacePath; ns != "" {
+		msg := "machine runs in the task group's network namespace " + ns
+		// Not fatal: a guest that binds no low port runs well without it. It fails where
+		// /proc/sys is read-only, as in a host that is itself a container.
+		before, err := hostnet.LowerUnprivilegedPortStart(ns, 0)
+		switch {
+		case err != nil:
+			msg += fmt.Sprintf("; guest services there cannot bind ports below %d: %v", before, err)
+			d.logger.Warn("cannot lower ip_unprivileged_port_start in the group's namespace", "task_id", cfg.ID, "error", err)
+		case before > 0:
+			msg += fmt.Sprintf("; ports below %d opened to every process there (net.ipv4.ip_unprivileged_port_start = 0), as the guest holds no capabilities over it", before)
+		}
+		d.emitter(cfg)(msg, nil)
+	}
 	if spec.Network.VethHost != "" {
 		addr, err := d.allocateAddress(m, pc.pools)
 		if err != nil {

@@ -494,7 +494,7 @@ func TestFingerprint(t *testing.T) {
 		td := newTestDriver(t, "")
 		fp := firstFingerprint(t, td)
 		must.Eq(t, drivers.HealthStateHealthy, fp.Health, must.Sprint(fp.HealthDescription))
-		for _, attr := range []string{"version", "systemd_version", "cgroup_mode", "machined", "networkd", "ip_forward", "store", "nix_version"} {
+		for _, attr := range []string{"version", "systemd_version", "cgroup_mode", "machined", "networkd", "ip_forward", "store", "nix_version", "bridge"} {
 			_, ok := fp.Attributes[attrPrefix+attr]
 			must.True(t, ok, must.Sprintf("missing attribute %s", attr))
 		}
@@ -514,7 +514,15 @@ func TestFingerprint(t *testing.T) {
 		must.EqOp(t, strings.TrimSpace(string(fwd)) == "1", forwarding)
 		if !forwarding {
 			must.StrContains(t, fp.HealthDescription, "Healthy; warning: IPv4 forwarding is off, so veth machines reach only the host")
-		} else {
+		}
+		// Bridge mode follows the CNI plugins of the default cni_path (the VM host has Debian's).
+		bridge, _ := fp.Attributes[attrPrefix+"bridge"].GetBool()
+		_, cniErr := os.Stat("/usr/lib/cni/bridge")
+		must.EqOp(t, cniErr == nil, bridge)
+		if !bridge {
+			must.StrContains(t, fp.HealthDescription, "warning: bridge mode unavailable: the CNI plugins bridge, firewall, host-local, loopback, portmap are not in cni_path")
+		}
+		if forwarding && bridge {
 			must.EqOp(t, drivers.DriverHealthy, fp.HealthDescription)
 		}
 	})

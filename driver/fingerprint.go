@@ -85,6 +85,8 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	// Why bridge mode cannot be used here, told as a warning: the driver is healthy without it.
+	var bridge string
 	if v, err := d.mgr.SystemdVersion(ctx); err != nil {
 		problems = append(problems, fmt.Sprintf("systemd is not reachable over D-Bus: %v", err))
 	} else {
@@ -92,6 +94,8 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 		if p := systemdProblem(v); p != "" {
 			problems = append(problems, p)
 		}
+		bridge = bridgeProblem(v, pc.CNIPath)
+		fp.Attributes[attrPrefix+"bridge"] = structs.NewBoolAttribute(bridge == "")
 	}
 	machined := d.mgr.MachinedReachable()
 	fp.Attributes[attrPrefix+"machined"] = structs.NewBoolAttribute(machined == nil)
@@ -103,7 +107,11 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 		fp.HealthDescription = strings.Join(problems, "; ")
 		return fp
 	}
-	if warnings := d.networkWarnings(ctx, fp); len(warnings) > 0 {
+	warnings := d.networkWarnings(ctx, fp)
+	if bridge != "" {
+		warnings = append(warnings, "bridge mode unavailable: "+bridge)
+	}
+	if len(warnings) > 0 {
 		fp.HealthDescription += "; warning: " + strings.Join(warnings, "; ")
 	}
 	return fp

@@ -31,13 +31,10 @@ const (
 
 // machineNetwork decides how the machine is connected.
 func machineNetwork(cfg *drivers.TaskConfig, tc *TaskConfig, o taskOptions, pc PluginConfig, machine string) (nspawn.Network, error) {
-	n := nspawn.Network{Mode: o.networkMode, Bridge: tc.HostBridge}
-	// Machines always run in a user namespace, and systemd-nspawn (verified with 252) cannot
-	// join a network namespace owned by the host's from there ("Failed to join network
-	// namespace: Operation not permitted"). Turning user namespaces off is not an option.
-	if iso := cfg.NetworkIsolation; iso != nil && iso.Mode == drivers.NetIsolationModeGroup {
-		return n, errors.New(`the task group's network namespace (network { mode = "bridge" }) cannot be joined: machines run in a user namespace, from which systemd-nspawn cannot join a namespace of the host's; use network_mode in the task config instead`)
+	if o.networkMode == nspawn.NetworkGroup {
+		return groupSpec(cfg.NetworkIsolation), nil
 	}
+	n := nspawn.Network{Mode: o.networkMode, Bridge: tc.HostBridge}
 	if n.Mode == nspawn.NetworkHost && !pc.AllowHostNetwork {
 		return n, fmt.Errorf("network_mode = %q: the plugin config does not allow tasks on the host's network (allow_host_network = false)", n.Mode)
 	}

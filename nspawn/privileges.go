@@ -33,7 +33,7 @@ var defaultCapabilities = []string{
 // and CAP_NET_ADMIN when the guest has a network namespace of its own.
 func DefaultCapabilities(networkMode string) []string {
 	caps := slices.Clone(defaultCapabilities)
-	if networkMode != NetworkHost {
+	if OwnNamespace(networkMode) {
 		caps = append(caps, "CAP_NET_ADMIN")
 	}
 	slices.Sort(caps)

@@ -144,7 +144,16 @@ const (
 	NetworkNone = "none"
 	// NetworkHost shares the host's network namespace.
 	NetworkHost = "host"
+	// NetworkGroup runs the machine in an existing network namespace, its task group's (Nomad's
+	// bridge mode): systemd starts nspawn inside it (NetworkNamespacePath=), so nspawn keeps it
+	// while still making the user namespace. nspawn cannot join one from inside its user
+	// namespace (--network-namespace-path with --private-users fails with EPERM up to v260).
+	NetworkGroup = "group"
 )
+
+// OwnNamespace says whether the guest gets a network namespace of its own, and so the
+// capabilities over it.
+func OwnNamespace(mode string) bool { return mode != NetworkHost && mode != NetworkGroup }
 
 // Network says how the machine is connected.
 type Network struct {
@@ -154,11 +163,13 @@ type Network struct {
 	// VethHost and VethGuest, in veth mode, name the pair nspawn makes for the driver's own
 	// addressing; without them nspawn makes its own (ve-*, host0).
 	VethHost, VethGuest string
+	// NamespacePath, in group mode, is the network namespace the machine runs in.
+	NamespacePath string
 }
 
 func (n Network) args() []string {
 	switch {
-	case n.Mode == NetworkHost:
+	case n.Mode == NetworkHost, n.Mode == NetworkGroup:
 		return nil
 	case n.Mode == NetworkNone:
 		return []string{"--private-network"}
@@ -303,6 +314,12 @@ func (s *Spec) Validate() error {
 		if strings.ContainsRune(a, 0) || !utf8.ValidString(a) {
 			return fmt.Errorf("init argument %d = %q: must be UTF-8 text without NUL bytes", i, a)
 		}
+	}
+	if (s.Network.Mode == NetworkGroup) != (s.Network.NamespacePath != "") {
+		return fmt.Errorf("network mode %q with namespace path %q: a namespace path goes with group mode only, and group mode needs one", s.Network.Mode, s.Network.NamespacePath)
+	}
+	if s.Network.NamespacePath != "" && !filepath.IsAbs(s.Network.NamespacePath) {
+		return fmt.Errorf("network namespace path %q must be absolute", s.Network.NamespacePath)
 	}
 	return nil
 }

@@ -70,7 +70,8 @@ type exitStatusSet struct {
 //     own filter and the task's system_call_filter allow the guest (32-bit programs, JITs,
 //     setuid files, its own file modes).
 //   - no PrivateNetwork=, IPAddressDeny=, RestrictAddressFamilies=: they would apply to the
-//     guest's traffic too; nspawn makes the veth over netlink.
+//     guest's traffic too; nspawn makes the veth over netlink. In group mode the unit joins its
+//     task group's namespace (NetworkNamespacePath=), and the guest with it.
 //   - no ProtectKernel*=, ProtectClock=, ProtectControlGroups=, ProtectHostname=: nspawn gives the
 //     guest read-only /proc/sys and /sys, its own UTS namespace and a delegated cgroup subtree.
 //   - Delegate=yes (the guest's systemd runs its subtree), DeviceAllow= /dev/net/tun and ptys.
@@ -118,6 +119,9 @@ func (s *Spec) UnitProperties() ([]sddbus.Property, error) {
 		// As systemd-nspawn@.service: no device nodes but the ones a container needs.
 		prop("DevicePolicy", "closed"),
 		prop("DeviceAllow", s.deviceAllow()),
+	}
+	if s.Network.NamespacePath != "" {
+		props = append(props, prop("NetworkNamespacePath", s.Network.NamespacePath))
 	}
 	// No tmpfs of nspawn's on /tmp: a mount made outside the guest's user namespace is locked
 	// there, and the guest's systemd fails to unmount it at poweroff (mountunits.go). /tmp is

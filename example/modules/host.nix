@@ -37,6 +37,11 @@ in
             default = "/var/lib/nomad-driver-nixos";
             description = "Machine roots and per-machine state live in `<data_dir>/machines/<machine>/`.";
           };
+          cni_path = lib.mkOption {
+            type = lib.types.str;
+            default = "${pkgs.cni-plugins}/bin";
+            description = "Where the CNI plugins of Nomad's bridge mode are: the agent's `client.cni_path`, which this module sets to the same.";
+          };
         };
       };
       default = { };
@@ -70,12 +75,16 @@ in
       extraSettingsPlugins = [ cfg.package ];
       # The plugin finds systemd-nspawn and systemd-run (systemd)
       # and nsenter (util-linux) in PATH, which it inherits from the agent.
+      # iptables for the firewall and portmap CNI plugins of bridge mode.
       extraPackages = [
         config.systemd.package
         pkgs.util-linux
+        pkgs.iptables
       ];
       settings = {
         client.enabled = lib.mkDefault true;
+        # Bridge mode (network { mode = "bridge" }): Nomad's CNI plugins.
+        client.cni_path = lib.mkDefault cfg.settings.cni_path;
         plugin."nomad-driver-nixos".config = cfg.settings;
         # Without it Nomad asks drivers for no resource usage at all.
         telemetry.publish_allocation_metrics = lib.mkDefault true;
