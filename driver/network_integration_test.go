@@ -73,14 +73,16 @@ func TestNetworkModes(t *testing.T) {
 		must.ErrorContains(t, err, `network_mode = "host": the plugin config does not allow tasks on the host's network (allow_host_network = false)`)
 	})
 
-	t.Run("the task group's network namespace is refused, user namespaces stay on", func(t *testing.T) {
+	t.Run("the task group's network namespace is refused where bridge mode cannot be used", func(t *testing.T) {
+		// cni_path holds no CNI plugins; TestBridge (VM host) runs machines in such namespaces.
+		nocni := newTestDriver(t, "", func(pc *PluginConfig) { pc.CNIPath = t.TempDir() })
 		ns := "nxtest-" + uuid.Generate()[:8]
 		run(t, "ip", "netns", "add", ns)
 		t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", ns).Run() })
-		cfg := td.newTask(t, "groupnet", systemdToplevel(t), nil)
+		cfg := nocni.newTask(t, "groupnet", systemdToplevel(t), nil)
 		cfg.NetworkIsolation = &drivers.NetworkIsolationSpec{Mode: drivers.NetIsolationModeGroup, Path: "/var/run/netns/" + ns}
-		_, _, err := td.StartTask(cfg)
-		must.ErrorContains(t, err, "cannot be joined: machines run in a user namespace")
+		_, _, err := nocni.StartTask(cfg)
+		must.ErrorContains(t, err, "the task group's network namespace (bridge mode) cannot be used on this host: the CNI plugins bridge, firewall, host-local, loopback, portmap are not in cni_path")
 	})
 
 	t.Run("host_bridge", func(t *testing.T) {
