@@ -7,9 +7,7 @@ package driver
 
 import (
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"os/exec"
 	"regexp"
@@ -21,7 +19,6 @@ import (
 	"github.com/hashicorp/nomad/helper/uuid"
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
-	"github.com/shoenig/test/wait"
 
 	"github.com/nomad-nixos/nomad-driver-nixos/hostnet"
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
@@ -139,18 +136,7 @@ func freePort(t *testing.T) int {
 // get fetches url, retrying while the guest's web service starts.
 func get(t *testing.T, url string) string {
 	t.Helper()
-	client := &http.Client{Timeout: 2 * time.Second}
-	var body string
-	err := wait.InitialSuccess(wait.ErrorFunc(func() error {
-		resp, err := client.Get(url)
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(resp.Body)
-		body = string(b)
-		return err
-	}), wait.Timeout(time.Minute), wait.Gap(200*time.Millisecond)).Run()
+	body, err := fetch(url, time.Minute)
 	must.NoError(t, err, must.Sprintf("GET %s", url))
 	return body
 }
