@@ -348,16 +348,8 @@ func bridgeInventory(t *testing.T, dataDir string) []string {
 func TestBridge(t *testing.T) {
 	requireCgroupV2(t)
 	a := newNomadAgent(t)
-	var node []struct{ ID string }
-	must.NoError(t, a.api("/v1/nodes", &node))
-	var detail struct {
-		Drivers map[string]struct {
-			Attributes        map[string]string
-			HealthDescription string
-		}
-	}
-	must.NoError(t, a.api("/v1/node/"+node[0].ID, &detail))
-	must.EqOp(t, "true", detail.Drivers["nixos-nspawn"].Attributes["driver.nixos-nspawn.bridge"], must.Sprint(detail.Drivers["nixos-nspawn"].HealthDescription))
+	d := a.driverInfo(t)
+	must.EqOp(t, "true", d.Attributes["driver.nixos-nspawn.bridge"], must.Sprint(d.HealthDescription))
 
 	before := bridgeInventory(t, a.dataDir())
 	t.Run("group", func(t *testing.T) { testBridgeGroup(t, a, before) })
@@ -558,12 +550,12 @@ func testBridgeCycles(t *testing.T, a *nomadAgent) {
 	must.SliceEmpty(t, diff(after, before), must.Sprintf("gone after 20 cycles: %q", diff(after, before)))
 }
 
-// Without the CNI plugins in the plugin config's cni_path the fingerprint says bridge mode is
-// unavailable, and a bridge-mode task is refused with the reason.
-func testBridgeWithoutCNI(t *testing.T, a *nomadAgent) {
-	a.stop()
-	a.driverCNIPath = t.TempDir()
-	a.start()
+// driverInfo is what the agent's one node reports of the nixos-nspawn driver.
+func (a *nomadAgent) driverInfo(t *testing.T) (d struct {
+	Attributes        map[string]string
+	HealthDescription string
+}) {
+	t.Helper()
 	var node []struct{ ID string }
 	must.NoError(t, a.api("/v1/nodes", &node))
 	var detail struct {
@@ -573,7 +565,16 @@ func testBridgeWithoutCNI(t *testing.T, a *nomadAgent) {
 		}
 	}
 	must.NoError(t, a.api("/v1/node/"+node[0].ID, &detail))
-	d := detail.Drivers["nixos-nspawn"]
+	return detail.Drivers["nixos-nspawn"]
+}
+
+// Without the CNI plugins in the plugin config's cni_path the fingerprint says bridge mode is
+// unavailable, and a bridge-mode task is refused with the reason.
+func testBridgeWithoutCNI(t *testing.T, a *nomadAgent) {
+	a.stop()
+	a.driverCNIPath = t.TempDir()
+	a.start()
+	d := a.driverInfo(t)
 	must.EqOp(t, "false", d.Attributes["driver.nixos-nspawn.bridge"])
 	must.StrContains(t, d.HealthDescription, "bridge mode unavailable: the CNI plugins bridge, firewall, host-local, loopback, portmap are not in cni_path")
 	a.runJob("bridge-web.nomad.hcl", "toplevel="+tinyToplevel(t), "mode=bridge")
