@@ -21,7 +21,9 @@
 #   fresh-machine.sh run    all of the above; the timings go to $FRESH_DIR/times, logs next to it
 #   fresh-machine.sh down   stop and remove what a run left (namespace, slirp4netns, cgroups, tree)
 #
-#   NIXOS_NSPAWN_FRESH_DIR  where the tree and logs go (default /var/tmp/nomad-driver-nixos-fresh)
+#   NIXOS_NSPAWN_FRESH_DIR     where the tree and logs go (default /var/tmp/nomad-driver-nixos-fresh)
+#   NIXOS_NSPAWN_FRESH_PASSES  which passes to run (default "cold warm"; "cold" alone proves the
+#                              setup and saves the warm pass's half hour)
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -30,6 +32,7 @@ ROOT=$FRESH_DIR/root
 LOGS=$FRESH_DIR/logs
 NETNS=nxfresh
 INSTANCE=fresh
+PASSES=${NIXOS_NSPAWN_FRESH_PASSES:-cold warm}
 # The clone's place inside the tree.
 CHECKOUT=/root/nomad-driver-nixos
 # What a new machine of this kind has (installed-go.txt) that the project's scripts may touch.
@@ -101,7 +104,7 @@ write_steps() {
 			return "$rc"
 		}
 		rc=0
-		for pass in cold warm; do
+		for pass in $2; do
 			step "$pass-demo" make demo && step "$pass-demo-stop" make demo-stop && step "$pass-test" make test || { rc=1; break; }
 		done
 		e2e/cluster/cluster.sh down >/dev/null 2>&1
@@ -129,9 +132,9 @@ net_up() {
 # namespaces (and so every mount and process) end with the steps.
 run_inside() {
 	nsenter --net="/run/netns/$NETNS" unshare --mount --pid --fork --propagation private \
-		bash -s "$ROOT" "$LOGS" "$CHECKOUT" "$TREE_PATH" "$INSTANCE" <<-'EOF'
+		bash -s "$ROOT" "$LOGS" "$CHECKOUT" "$TREE_PATH" "$INSTANCE" "$PASSES" <<-'EOF'
 			set -euo pipefail
-			root=$1 logs=$2 checkout=$3 path=$4 instance=$5
+			root=$1 logs=$2 checkout=$3 path=$4 instance=$5 passes=$6
 			# A mount point of its own, to become / (pivot_root below): systemd-nspawn makes / a
 			# slave mount and fails with EINVAL where / is a plain directory.
 			mount --bind "$root" "$root"
@@ -155,7 +158,7 @@ run_inside() {
 			# The machine's environment as CI gets it, AWS_CA_BUNDLE included.
 			exec /usr/sbin/chroot / /usr/bin/env -i PATH="$path" HOME=/root LANG=C.UTF-8 TERM=dumb CI=true \
 				AWS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt NIXOS_NSPAWN_INSTANCE="$instance" \
-				bash /fresh-steps.sh "$checkout"
+				bash /fresh-steps.sh "$checkout" "$passes"
 		EOF
 }
 
