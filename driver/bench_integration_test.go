@@ -32,34 +32,55 @@ import (
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
-// Start to READY of the fixtures through the driver (Nomad's gRPC harness, StartTask until the
-// readiness event) against a bare `systemd-run -p Type=notify ... systemd-nspawn` of the same
-// closure, which returns once the guest is ready. Run with `make bench`.
+// Start to READY of the fixtures through the driver (StartTask until the readiness event), with
+// the closure view and with the host's store, against a bare `systemd-run -p Type=notify ...
+// systemd-nspawn` of the same closure, which returns once the guest is ready; taking turns in
+// the same run. One driver serves all runs, so the closure is known after the first, as on a
+// Nomad client. Run with `make bench`.
 func BenchmarkStartToReady(b *testing.B) {
+	d := benchNewDriver(b)
+	defer d.Shutdown()
+	ready := followReadiness(b, d)
 	for _, fx := range []struct{ name, env string }{
 		{"tiny", "NIXOS_NSPAWN_TINY_TOPLEVEL"},
 		{"systemd", "NIXOS_NSPAWN_SYSTEMD_TOPLEVEL"},
 	} {
-		toplevel := os.Getenv(fx.env)
-		if toplevel == "" {
-			b.Fatalf("%s is not set: run benchmarks through `make bench`", fx.env)
-		}
-		b.Run(fx.name+"/driver", func(b *testing.B) { benchDriver(b, toplevel, storeViewClosure) })
-		b.Run(fx.name+"/driver-host-view", func(b *testing.B) { benchDriver(b, toplevel, storeViewHost) })
-		b.Run(fx.name+"/bare-systemd-run", func(b *testing.B) { benchBare(b, toplevel) })
+		toplevel := benchFixture(b, fx.env)
+		b.Run(fx.name, func(b *testing.B) {
+			var closureView, hostView, bare time.Duration
+			for i := 0; i < b.N; i++ {
+				closureView += startToReady(b, d, ready, toplevel, fmt.Sprintf("bench%d", i), storeViewClosure)
+				hostView += startToReady(b, d, ready, toplevel, fmt.Sprintf("benchhost%d", i), storeViewHost)
+				bare += bareStartToReady(b, toplevel, fmt.Sprintf("benchbare%d", i))
+			}
+			n := time.Duration(b.N)
+			reportMs(b, closureView/n, "driver-ms")
+			reportMs(b, hostView/n, "driver-host-view-ms")
+			reportMs(b, bare/n, "bare-ms")
+			b.ReportMetric(float64(closureView)/float64(bare), "driver/bare")
+			b.ReportMetric(float64(hostView)/float64(bare), "driver-host-view/bare")
+			b.ReportMetric(0, "ns/op")
+		})
 	}
 }
 
 // Start to READY of a system with 1,002 paths in its closure, with the closure-only view (one
-// bind mount per path) and with the whole host store bound once.
+// bind mount per path) against the whole host store bound once.
 func BenchmarkStoreView(b *testing.B) {
-	wide := os.Getenv("NIXOS_NSPAWN_WIDE_TOPLEVEL")
-	if wide == "" {
-		b.Fatal("NIXOS_NSPAWN_WIDE_TOPLEVEL is not set: run benchmarks through `make bench`")
+	wide := benchFixture(b, "NIXOS_NSPAWN_WIDE_TOPLEVEL")
+	d := benchNewDriver(b)
+	defer d.Shutdown()
+	ready := followReadiness(b, d)
+	var closureView, hostView time.Duration
+	for i := 0; i < b.N; i++ {
+		closureView += startToReady(b, d, ready, wide, fmt.Sprintf("wide%d", i), storeViewClosure)
+		hostView += startToReady(b, d, ready, wide, fmt.Sprintf("widehost%d", i), storeViewHost)
 	}
-	for _, view := range []string{storeViewClosure, storeViewHost} {
-		b.Run("wide/"+view, func(b *testing.B) { benchDriver(b, wide, view) })
-	}
+	n := time.Duration(b.N)
+	reportMs(b, closureView/n, "closure-view-ms")
+	reportMs(b, hostView/n, "host-view-ms")
+	b.ReportMetric(float64(closureView)/float64(hostView), "closure/host")
+	b.ReportMetric(0, "ns/op")
 }
 
 // Time from start to the machine having its address (tiny fixture): through the driver,
@@ -67,10 +88,7 @@ func BenchmarkStoreView(b *testing.B) {
 // which the tiny init reports at once) and then the same addressing with ip(8), as NixOS's
 // container scripts do.
 func BenchmarkTimeToAddress(b *testing.B) {
-	toplevel := os.Getenv("NIXOS_NSPAWN_TINY_TOPLEVEL")
-	if toplevel == "" {
-		b.Fatal("NIXOS_NSPAWN_TINY_TOPLEVEL is not set: run benchmarks through `make bench`")
-	}
+	toplevel := benchFixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
 	b.Run("driver", func(b *testing.B) {
 		d := benchNewDriver(b)
 		defer d.Shutdown()
@@ -145,67 +163,45 @@ func benchNewDriver(b *testing.B) *Driver {
 	return d
 }
 
-func benchDriver(b *testing.B, toplevel, view string) {
-	d := benchNewDriver(b)
-	defer d.Shutdown()
-	events, err := d.TaskEvents(context.Background())
+// startToReady starts a task and returns how long until it was READY; then stops and destroys it.
+func startToReady(b *testing.B, d *Driver, ready *readiness, toplevel, name, view string) time.Duration {
+	task := benchTask(b, toplevel, name, view)
+	t0 := time.Now()
+	_, _, err := d.StartTask(task)
 	must.NoError(b, err)
-	for i := 0; i < b.N; i++ {
-		b.StopTimer()
-		task := benchTask(b, toplevel, fmt.Sprintf("bench%d", i), view)
-		b.StartTimer()
-		_, _, err := d.StartTask(task)
-		must.NoError(b, err)
-		waitEvent(b, events, task.ID, "ready", time.Minute)
-		b.StopTimer()
-		must.NoError(b, d.StopTask(task.ID, 30*time.Second, ""))
-		must.NoError(b, d.DestroyTask(task.ID, true))
-		b.StartTimer()
-	}
+	must.NoError(b, ready.wait(task.ID, time.Minute))
+	took := time.Since(t0)
+	must.NoError(b, d.StopTask(task.ID, 30*time.Second, ""))
+	must.NoError(b, d.DestroyTask(task.ID, true))
+	return took
 }
 
-func benchBare(b *testing.B, toplevel string) {
-	for i := 0; i < b.N; i++ {
-		b.StopTimer()
-		name := fmt.Sprintf("benchbare%d", i)
-		root := filepath.Join(b.TempDir(), "root")
-		must.NoError(b, nspawn.PrepareRoot(root))
-		b.StartTimer()
-		bareStart(b, name, root, toplevel, "--network-veth")
-		b.StopTimer()
-		_ = exec.Command("systemctl", "stop", name).Run()
-		_ = exec.Command("systemctl", "reset-failed", name).Run()
-		must.NoError(b, nspawn.RemoveRoot(root))
-		b.StartTimer()
-	}
-}
-
-// The resident memory of the real plugin binary, served over go-plugin as Nomad does, while it
-// follows a number of running machines.
-func BenchmarkPluginRSS(b *testing.B) {
-	binary := os.Getenv("NIXOS_NSPAWN_PLUGIN")
-	toplevel := os.Getenv("NIXOS_NSPAWN_TINY_TOPLEVEL")
-	if binary == "" || toplevel == "" {
-		b.Fatal("NIXOS_NSPAWN_PLUGIN and NIXOS_NSPAWN_TINY_TOPLEVEL must be set: run through `make bench`")
-	}
-	for i := 0; i < b.N; i++ {
-		for _, machines := range []int{0, 10} {
-			rss, forwarders := pluginRSS(b, binary, toplevel, machines)
-			b.ReportMetric(rss, fmt.Sprintf("RSS-MiB/%d-machines", machines))
-			if machines > 0 {
-				// What each machine costs outside the guest besides nspawn: its console forwarder.
-				b.ReportMetric(forwarders.pss, "forwarder-PSS-MiB/machine")
-				b.ReportMetric(forwarders.rss, "forwarder-RSS-MiB/machine")
-			}
-		}
-	}
+// bareStartToReady starts the closure bare and returns how long until it was READY; then stops it.
+func bareStartToReady(b *testing.B, toplevel, name string) time.Duration {
+	root := filepath.Join(b.TempDir(), "root")
+	must.NoError(b, nspawn.PrepareRoot(root))
+	t0 := time.Now()
+	bareStart(b, name, root, toplevel, "--network-veth")
+	took := time.Since(t0)
+	_ = exec.Command("systemctl", "stop", name).Run()
+	_ = exec.Command("systemctl", "reset-failed", name).Run()
+	must.NoError(b, nspawn.RemoveRoot(root))
+	return took
 }
 
 type memory struct{ rss, pss float64 }
 
-// pluginRSS returns the plugin's RSS while it follows machines, and the mean memory of their
-// console forwarders.
-func pluginRSS(b *testing.B, binary, toplevel string, machines int) (float64, memory) {
+// servedPlugin is the real plugin binary, served over go-plugin.
+type servedPlugin struct {
+	drivers.DriverPlugin
+	pid     int
+	dataDir string
+	kill    func()
+}
+
+// servePlugin runs the real plugin binary over go-plugin, as Nomad does, configured with the
+// default plugin config.
+func servePlugin(b *testing.B, binary string) servedPlugin {
 	client := plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig:  base.Handshake,
 		Plugins:          map[string]plugin.Plugin{base.PluginTypeDriver: drivers.NewDriverPlugin(nil, hclog.NewNullLogger())},
@@ -213,45 +209,43 @@ func pluginRSS(b *testing.B, binary, toplevel string, machines int) (float64, me
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
 		Logger:           hclog.NewNullLogger(),
 	})
-	defer client.Kill()
 	rpc, err := client.Client()
-	must.NoError(b, err)
+	if err != nil {
+		client.Kill()
+		b.Fatal(err)
+	}
 	raw, err := rpc.Dispense(base.PluginTypeDriver)
-	must.NoError(b, err)
+	if err != nil {
+		client.Kill()
+		b.Fatal(err)
+	}
 	d := raw.(drivers.DriverPlugin)
+	dataDir := b.TempDir()
 	var cfg []byte
-	must.NoError(b, base.MsgPackEncode(&cfg, &PluginConfig{Enabled: true, DataDir: b.TempDir(), Slice: defaultSlice, TasksMax: defaultTasksMax,
+	must.NoError(b, base.MsgPackEncode(&cfg, &PluginConfig{Enabled: true, DataDir: dataDir, Slice: defaultSlice, TasksMax: defaultTasksMax,
 		AddressPool: defaultAddressPool, AddressPoolIPv6: defaultAddressPoolIPv6}))
-	must.NoError(b, d.SetConfig(&base.Config{PluginConfig: cfg, AgentConfig: &base.AgentConfig{
+	if err := d.SetConfig(&base.Config{PluginConfig: cfg, AgentConfig: &base.AgentConfig{
 		Driver: &base.ClientDriverConfig{Topology: numalib.Scan(numalib.PlatformScanners(false))},
-	}}))
-	var ids []string
-	for i := 0; i < machines; i++ {
-		task := benchTask(b, toplevel, fmt.Sprintf("rss%d", i), storeViewClosure)
-		_, _, err := d.StartTask(task)
-		must.NoError(b, err)
-		ids = append(ids, task.ID)
+	}}); err != nil {
+		client.Kill()
+		b.Fatal(err)
 	}
-	defer func() {
-		for _, id := range ids {
-			_ = d.StopTask(id, 10*time.Second, "")
-			_ = d.DestroyTask(id, true)
-		}
-	}()
-	// Let the watchers settle into their steady state.
-	time.Sleep(3 * time.Second)
-	var forwarders memory
-	for _, id := range ids {
-		machine := machineOfTaskID(b, id)
-		out, err := exec.Command("systemctl", "show", "-p", "MainPID", "--value", nspawn.ConsoleUnit(machine)).Output()
-		must.NoError(b, err)
-		pid, err := strconv.Atoi(strings.TrimSpace(string(out)))
-		must.NoError(b, err)
-		must.Positive(b, pid, must.Sprint("the console forwarder of ", machine, " does not run"))
-		forwarders.rss += smapsRollup(b, pid, "Rss:") / float64(len(ids))
-		forwarders.pss += smapsRollup(b, pid, "Pss:") / float64(len(ids))
-	}
-	return vmRSS(b, client.ReattachConfig().Pid), forwarders
+	return servedPlugin{DriverPlugin: d, pid: client.ReattachConfig().Pid, dataDir: dataDir, kill: client.Kill}
+}
+
+// forwarderMemory is the memory of a machine's console forwarder.
+func forwarderMemory(b *testing.B, machine string) memory {
+	return unitMemory(b, nspawn.ConsoleUnit(machine))
+}
+
+// unitMemory is the memory of a unit's main process.
+func unitMemory(b *testing.B, unit string) memory {
+	out, err := exec.Command("systemctl", "show", "-p", "MainPID", "--value", unit).Output()
+	must.NoError(b, err)
+	pid, err := strconv.Atoi(strings.TrimSpace(string(out)))
+	must.NoError(b, err)
+	must.Positive(b, pid, must.Sprint(unit, " has no main process"))
+	return memory{rss: smapsRollup(b, pid, "Rss:"), pss: smapsRollup(b, pid, "Pss:")}
 }
 
 // smapsRollup reads one field of a process's memory summary, in MiB.
@@ -274,10 +268,7 @@ func smapsRollup(b *testing.B, pid int, field string) float64 {
 // against the same guest writing the same lines to a file in its root. Both are timed from the
 // guest's "ready" line to its "flood done" line, as the reader sees them.
 func BenchmarkConsoleThroughput(b *testing.B) {
-	toplevel := os.Getenv("NIXOS_NSPAWN_TINY_TOPLEVEL")
-	if toplevel == "" {
-		b.Fatal("NIXOS_NSPAWN_TINY_TOPLEVEL is not set: run benchmarks through `make bench`")
-	}
+	toplevel := benchFixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
 	const size = 100_000_000
 	d := benchNewDriver(b)
 	defer d.Shutdown()

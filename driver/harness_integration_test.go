@@ -232,7 +232,7 @@ func waitEvent(t testing.TB, events <-chan *drivers.TaskEvent, taskID, want stri
 	}
 }
 
-func run(t *testing.T, name string, args ...string) string {
+func run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()
 	must.NoError(t, err, must.Sprintf("%s %v: %s", name, args, out))
@@ -240,7 +240,7 @@ func run(t *testing.T, name string, args ...string) string {
 }
 
 // leftovers lists what the inventory holds now and did not hold before.
-func leftovers(t *testing.T, dataDir string, before []string) []string {
+func leftovers(t testing.TB, dataDir string, before []string) []string {
 	t.Helper()
 	seen := map[string]bool{}
 	for _, item := range before {
@@ -257,7 +257,7 @@ func leftovers(t *testing.T, dataDir string, before []string) []string {
 
 // inventory lists what machines of this driver leave on the host: units, machines, veths,
 // mounts and directories under the data dir.
-func inventory(t *testing.T, dataDir string) []string {
+func inventory(t testing.TB, dataDir string) []string {
 	t.Helper()
 	var out []string
 	for _, line := range strings.Split(run(t, "systemctl", "list-units", "--all", "--no-legend", "--plain", "nomad-*"), "\n") {

@@ -1,0 +1,297 @@
+// Copyright (c) The nomad-driver-nixos authors
+// SPDX-License-Identifier: MPL-2.0
+
+//go:build integration
+
+package driver
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/shoenig/test/must"
+
+	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
+)
+
+// concurrentTasks is how many tasks BenchmarkConcurrency starts and stops at once.
+const concurrentTasks = 10
+
+// Ten tasks of the tiny fixture started at once until all are READY, then stopped at once until
+// all are gone (StopTask and DestroyTask), against one task started and stopped alone, taking
+// turns in the same run.
+func BenchmarkConcurrency(b *testing.B) {
+	toplevel := benchFixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
+	d := benchNewDriver(b)
+	defer d.Shutdown()
+	ready := followReadiness(b, d)
+	var one, many struct{ start, stop time.Duration }
+	for i := 0; i < b.N; i++ {
+		start, stop := startStopAtOnce(b, d, ready, toplevel, fmt.Sprintf("one%d", i), 1)
+		one.start += start
+		one.stop += stop
+		start, stop = startStopAtOnce(b, d, ready, toplevel, fmt.Sprintf("many%d", i), concurrentTasks)
+		many.start += start
+		many.stop += stop
+	}
+	n := time.Duration(b.N)
+	reportMs(b, one.start/n, "start-1-ms")
+	reportMs(b, many.start/n, fmt.Sprintf("start-%d-ms", concurrentTasks))
+	b.ReportMetric(float64(many.start)/float64(one.start), fmt.Sprintf("start-%d/1", concurrentTasks))
+	reportMs(b, one.stop/n, "stop-1-ms")
+	reportMs(b, many.stop/n, fmt.Sprintf("stop-%d-ms", concurrentTasks))
+	b.ReportMetric(float64(many.stop)/float64(one.stop), fmt.Sprintf("stop-%d/1", concurrentTasks))
+	b.ReportMetric(0, "ns/op")
+}
+
+// startStopAtOnce starts n tasks at once and returns how long until all were READY, then stops
+// and destroys them at once and returns how long until all were gone.
+func startStopAtOnce(b *testing.B, d drivers.DriverPlugin, ready *readiness, toplevel, name string, n int) (time.Duration, time.Duration) {
+	tasks := make([]*drivers.TaskConfig, n)
+	for i := range tasks {
+		tasks[i] = benchTask(b, toplevel, fmt.Sprintf("%s-%d", name, i), storeViewClosure)
+	}
+	t0 := time.Now()
+	must.NoError(b, atOnce(tasks, func(task *drivers.TaskConfig) error {
+		if _, _, err := d.StartTask(task); err != nil {
+			return err
+		}
+		return ready.wait(task.ID, time.Minute)
+	}))
+	started := time.Since(t0)
+	t0 = time.Now()
+	must.NoError(b, atOnce(tasks, func(task *drivers.TaskConfig) error {
+		if err := d.StopTask(task.ID, 30*time.Second, ""); err != nil {
+			return err
+		}
+		return d.DestroyTask(task.ID, true)
+	}))
+	return started, time.Since(t0)
+}
+
+// atOnce runs f for every task in a goroutine of its own and returns the first error.
+func atOnce(tasks []*drivers.TaskConfig, f func(*drivers.TaskConfig) error) error {
+	errs := make(chan error, len(tasks))
+	var wg sync.WaitGroup
+	for _, task := range tasks {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f(task); err != nil {
+				errs <- fmt.Errorf("task %s: %w", task.Name, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	return <-errs
+}
+
+// readiness tells when tasks got ready, from the driver's task events.
+type readiness struct {
+	mu    sync.Mutex
+	ready map[string]chan struct{}
+}
+
+func followReadiness(b *testing.B, d drivers.DriverPlugin) *readiness {
+	ctx, cancel := context.WithCancel(context.Background())
+	b.Cleanup(cancel)
+	events, err := d.TaskEvents(ctx)
+	must.NoError(b, err)
+	r := &readiness{ready: map[string]chan struct{}{}}
+	go func() {
+		for ev := range events {
+			if strings.Contains(ev.Message, "ready") {
+				close(r.of(ev.TaskID))
+			}
+		}
+	}()
+	return r
+}
+
+func (r *readiness) of(taskID string) chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ch, ok := r.ready[taskID]
+	if !ok {
+		ch = make(chan struct{})
+		r.ready[taskID] = ch
+	}
+	return ch
+}
+
+func (r *readiness) wait(taskID string, timeout time.Duration) error {
+	select {
+	case <-r.of(taskID):
+		return nil
+	case <-time.After(scaled(timeout)):
+		return fmt.Errorf("not ready within %s", scaled(timeout))
+	}
+}
+
+// An orderly stop of the systemd fixture (Debian's systemd as PID 1 powers off) through the
+// driver, from StopTask until it returns with the exit recorded, against `systemctl stop` of the
+// same machine started bare, taking turns in the same run.
+func BenchmarkStop(b *testing.B) {
+	toplevel := benchFixture(b, "NIXOS_NSPAWN_SYSTEMD_TOPLEVEL")
+	d := benchNewDriver(b)
+	defer d.Shutdown()
+	ready := followReadiness(b, d)
+	var driver, bare time.Duration
+	for i := 0; i < b.N; i++ {
+		task := benchTask(b, toplevel, fmt.Sprintf("stop%d", i), storeViewClosure)
+		_, _, err := d.StartTask(task)
+		must.NoError(b, err)
+		must.NoError(b, ready.wait(task.ID, time.Minute))
+		t0 := time.Now()
+		must.NoError(b, d.StopTask(task.ID, 30*time.Second, ""))
+		driver += time.Since(t0)
+		status, err := d.InspectTask(task.ID)
+		must.NoError(b, err)
+		must.Eq(b, 0, status.ExitResult.ExitCode, must.Sprint("the guest did not power off in order: ", status.ExitResult))
+		must.NoError(b, d.DestroyTask(task.ID, true))
+
+		name := fmt.Sprintf("benchstop%d", i)
+		root := filepath.Join(b.TempDir(), "root")
+		must.NoError(b, nspawn.PrepareRoot(root))
+		bareStart(b, name, root, toplevel, "--network-veth")
+		t0 = time.Now()
+		out, err := exec.Command("systemctl", "stop", name).CombinedOutput()
+		bare += time.Since(t0)
+		must.NoError(b, err, must.Sprint(string(out)))
+		_ = exec.Command("systemctl", "reset-failed", name).Run()
+		must.NoError(b, nspawn.RemoveRoot(root))
+	}
+	n := time.Duration(b.N)
+	reportMs(b, driver/n, "driver-ms")
+	reportMs(b, bare/n, "bare-systemctl-stop-ms")
+	b.ReportMetric(float64(driver)/float64(bare), "driver/bare")
+	b.ReportMetric(0, "ns/op")
+}
+
+// scaleMachines is how many machines BenchmarkScale runs at once.
+const scaleMachines = 100
+
+// statsWindow is how long BenchmarkScale measures the plugin's CPU time, with and without stats.
+const statsWindow = 10 * time.Second
+
+// A hundred machines of the tiny fixture, started at once through the real plugin binary: the
+// time until all are READY (against one machine alone), the plugin's RSS, the memory each machine
+// costs outside its guest (nspawn, the console forwarder, the plugin's growth), the plugin's CPU
+// while it follows them, and with Nomad's stats stream at its 1 s interval for every task. Then
+// all are stopped at once, and nothing may be left.
+func BenchmarkScale(b *testing.B) {
+	binary := benchFixture(b, "NIXOS_NSPAWN_PLUGIN")
+	toplevel := benchFixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
+	for i := 0; i < b.N; i++ {
+		p := servePlugin(b, binary)
+		ready := followReadiness(b, p)
+		before := inventory(b, p.dataDir)
+		rss0 := vmRSS(b, p.pid)
+		one, _ := startStopAtOnce(b, p, ready, toplevel, fmt.Sprintf("alone%d", i), 1)
+
+		tasks := make([]*drivers.TaskConfig, scaleMachines)
+		for j := range tasks {
+			tasks[j] = benchTask(b, toplevel, fmt.Sprintf("scale%d-%d", i, j), storeViewClosure)
+		}
+		t0 := time.Now()
+		must.NoError(b, atOnce(tasks, func(task *drivers.TaskConfig) error {
+			if _, _, err := p.StartTask(task); err != nil {
+				return err
+			}
+			return ready.wait(task.ID, 5*time.Minute)
+		}))
+		all := time.Since(t0)
+		// Let the watchers settle into their steady state.
+		time.Sleep(3 * time.Second)
+		rss := vmRSS(b, p.pid)
+		var nspawnPSS, forwarderPSS float64
+		for _, task := range tasks {
+			machine := machineOfTaskID(b, task.ID)
+			nspawnPSS += unitMemory(b, nspawn.UnitName(machine)).pss / scaleMachines
+			forwarderPSS += forwarderMemory(b, machine).pss / scaleMachines
+		}
+		idle := cpuShare(b, p.pid, statsWindow)
+		ctx, cancel := context.WithCancel(context.Background())
+		for _, task := range tasks {
+			ch, err := p.TaskStats(ctx, task.ID, time.Second)
+			must.NoError(b, err)
+			go func() {
+				for range ch {
+				}
+			}()
+		}
+		withStats := cpuShare(b, p.pid, statsWindow)
+		cancel()
+
+		t0 = time.Now()
+		must.NoError(b, atOnce(tasks, func(task *drivers.TaskConfig) error {
+			if err := p.StopTask(task.ID, 30*time.Second, ""); err != nil {
+				return err
+			}
+			return p.DestroyTask(task.ID, true)
+		}))
+		stopped := time.Since(t0)
+		p.kill()
+		must.SliceEmpty(b, leftovers(b, p.dataDir, before))
+
+		b.ReportMetric(all.Seconds(), fmt.Sprintf("all-%d-ready-s", scaleMachines))
+		reportMs(b, one, "one-ready-ms")
+		b.ReportMetric(float64(all)/float64(one)/scaleMachines, "per-machine/one")
+		b.ReportMetric(stopped.Seconds(), fmt.Sprintf("all-%d-gone-s", scaleMachines))
+		b.ReportMetric(rss0, "plugin-RSS-MiB/idle")
+		b.ReportMetric(rss, fmt.Sprintf("plugin-RSS-MiB/%d-machines", scaleMachines))
+		growth := (rss - rss0) / scaleMachines
+		b.ReportMetric(nspawnPSS, "nspawn-PSS-MiB/machine")
+		b.ReportMetric(forwarderPSS, "forwarder-PSS-MiB/machine")
+		b.ReportMetric(growth, "plugin-growth-MiB/machine")
+		b.ReportMetric(nspawnPSS+forwarderPSS+growth, "outside-guest-MiB/machine")
+		b.ReportMetric(idle*100, "plugin-CPU-%core/following")
+		b.ReportMetric((withStats-idle)*100, "plugin-CPU-%core/stats-1s")
+	}
+	b.ReportMetric(0, "ns/op")
+}
+
+// cpuShare is the share of one core the process used over window.
+func cpuShare(b *testing.B, pid int, window time.Duration) float64 {
+	t0, c0 := time.Now(), cpuTicks(b, pid)
+	time.Sleep(window)
+	c1 := cpuTicks(b, pid)
+	// USER_HZ is 100 on Linux.
+	return float64(c1-c0) / 100 / time.Since(t0).Seconds()
+}
+
+// cpuTicks is the user and system time of a process, in clock ticks.
+func cpuTicks(b *testing.B, pid int) int {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	must.NoError(b, err)
+	// Fields after the command name, which is in parentheses and may hold spaces.
+	f := strings.Fields(string(raw[strings.LastIndexByte(string(raw), ')')+1:]))
+	utime, err := strconv.Atoi(f[11])
+	must.NoError(b, err)
+	stime, err := strconv.Atoi(f[12])
+	must.NoError(b, err)
+	return utime + stime
+}
+
+func reportMs(b *testing.B, d time.Duration, unit string) {
+	b.ReportMetric(float64(d.Microseconds())/1000, unit)
+}
+
+// benchFixture is the value of an environment variable that `make bench` sets.
+func benchFixture(b *testing.B, env string) string {
+	v := os.Getenv(env)
+	if v == "" {
+		b.Fatalf("%s is not set: run benchmarks through `make bench`", env)
+	}
+	return v
+}
