@@ -45,7 +45,7 @@ func BenchmarkStartToReady(b *testing.B) {
 		{"tiny", "NIXOS_NSPAWN_TINY_TOPLEVEL"},
 		{"systemd", "NIXOS_NSPAWN_SYSTEMD_TOPLEVEL"},
 	} {
-		toplevel := benchFixture(b, fx.env)
+		toplevel := fixture(b, fx.env)
 		b.Run(fx.name, func(b *testing.B) {
 			var closureView, hostView, bare time.Duration
 			for i := 0; i < b.N; i++ {
@@ -67,7 +67,7 @@ func BenchmarkStartToReady(b *testing.B) {
 // Start to READY of a system with 1,002 paths in its closure, with the closure-only view (one
 // bind mount per path) against the whole host store bound once.
 func BenchmarkStoreView(b *testing.B) {
-	wide := benchFixture(b, "NIXOS_NSPAWN_WIDE_TOPLEVEL")
+	wide := fixture(b, "NIXOS_NSPAWN_WIDE_TOPLEVEL")
 	d := benchNewDriver(b)
 	defer d.Shutdown()
 	ready := followReadiness(b, d)
@@ -88,7 +88,7 @@ func BenchmarkStoreView(b *testing.B) {
 // which the tiny init reports at once) and then the same addressing with ip(8), as NixOS's
 // container scripts do.
 func BenchmarkTimeToAddress(b *testing.B) {
-	toplevel := benchFixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
+	toplevel := fixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
 	b.Run("driver", func(b *testing.B) {
 		d := benchNewDriver(b)
 		defer d.Shutdown()
@@ -142,7 +142,7 @@ func BenchmarkTimeToAddress(b *testing.B) {
 
 // bareStart runs the tiny or systemd fixture as the NixOS launch contract says, without the
 // driver: systemd-run returns once the guest reported READY=1.
-func bareStart(b *testing.B, name, root, toplevel, network string) {
+func bareStart(b testing.TB, name, root, toplevel, network string) {
 	out, err := exec.Command("systemd-run", "--quiet", "--unit="+name,
 		"-p", "Type=notify", "-p", "NotifyAccess=all", "-p", "Delegate=yes", "-p", "RemainAfterExit=yes", "-p", "KillMode=mixed",
 		"systemd-nspawn", "--quiet", "--keep-unit", "--settings=no", "-D", root, "-M", name, "-U",
@@ -268,7 +268,7 @@ func smapsRollup(b *testing.B, pid int, field string) float64 {
 // against the same guest writing the same lines to a file in its root. Both are timed from the
 // guest's "ready" line to its "flood done" line, as the reader sees them.
 func BenchmarkConsoleThroughput(b *testing.B) {
-	toplevel := benchFixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
+	toplevel := fixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
 	const size = 100_000_000
 	d := benchNewDriver(b)
 	defer d.Shutdown()

@@ -30,7 +30,7 @@ const concurrentTasks = 10
 // all are gone (StopTask and DestroyTask), against one task started and stopped alone, taking
 // turns in the same run.
 func BenchmarkConcurrency(b *testing.B) {
-	toplevel := benchFixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
+	toplevel := fixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
 	d := benchNewDriver(b)
 	defer d.Shutdown()
 	ready := followReadiness(b, d)
@@ -142,7 +142,7 @@ func (r *readiness) wait(taskID string, timeout time.Duration) error {
 // driver, from StopTask until it returns with the exit recorded, against `systemctl stop` of the
 // same machine started bare, taking turns in the same run.
 func BenchmarkStop(b *testing.B) {
-	toplevel := benchFixture(b, "NIXOS_NSPAWN_SYSTEMD_TOPLEVEL")
+	toplevel := fixture(b, "NIXOS_NSPAWN_SYSTEMD_TOPLEVEL")
 	d := benchNewDriver(b)
 	defer d.Shutdown()
 	ready := followReadiness(b, d)
@@ -190,8 +190,8 @@ const statsWindow = 10 * time.Second
 // while it follows them, and with Nomad's stats stream at its 1 s interval for every task. Then
 // all are stopped at once, and nothing may be left.
 func BenchmarkScale(b *testing.B) {
-	binary := benchFixture(b, "NIXOS_NSPAWN_PLUGIN")
-	toplevel := benchFixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
+	binary := fixture(b, "NIXOS_NSPAWN_PLUGIN")
+	toplevel := fixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
 	for i := 0; i < b.N; i++ {
 		p := servePlugin(b, binary)
 		ready := followReadiness(b, p)
@@ -285,13 +285,4 @@ func cpuTicks(b *testing.B, pid int) int {
 
 func reportMs(b *testing.B, d time.Duration, unit string) {
 	b.ReportMetric(float64(d.Microseconds())/1000, unit)
-}
-
-// benchFixture is the value of an environment variable that `make bench` sets.
-func benchFixture(b *testing.B, env string) string {
-	v := os.Getenv(env)
-	if v == "" {
-		b.Fatalf("%s is not set: run benchmarks through `make bench`", env)
-	}
-	return v
 }

@@ -39,6 +39,9 @@ const (
 	fingerprintPeriod = 30 * time.Second
 	// registerTimeout bounds how long StartTask waits for nspawn to register the machine.
 	registerTimeout = 30 * time.Second
+	// launchPollInterval is how often StartTask looks for the registration without a signal
+	// from systemd or machined.
+	launchPollInterval = 250 * time.Millisecond
 	// stopTimeout is systemd's bound on stopping a unit whose start timed out.
 	stopTimeout = 30 * time.Second
 	// stopResendInterval is how often StopTask repeats the shutdown signal to a booting guest.

@@ -23,13 +23,10 @@ import (
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
-// How often a handle reads its unit's state. Exit latency, not correctness, depends on it: the
-// unit keeps its exit status, or records it when it is unloaded, until the task is destroyed.
-const (
-	pollInterval     = 100 * time.Millisecond
-	bootPollInterval = 20 * time.Millisecond
-	bootPollWindow   = 10 * time.Second
-)
+// A handle reads its unit's state when systemd signals a change, and every pollInterval in case
+// a signal was missed. Exit latency, not correctness, depends on it: the unit keeps its exit
+// status, or records it when it is unloaded, until the task is destroyed.
+const pollInterval = 5 * time.Second
 
 const (
 	// consoleTailLines is how much of the console an error about a failed machine quotes.
@@ -39,6 +36,9 @@ const (
 	consoleStallWait = 30 * time.Second
 	// dropsInterval is how often a handle looks for console output the forwarder dropped.
 	dropsInterval = time.Second
+	// consoleProgressInterval is how often an ended machine's handle looks whether its forwarder
+	// still delivers.
+	consoleProgressInterval = time.Second
 )
 
 // taskHandle follows one machine: its unit state, readiness, OOM kills, console and exit.
@@ -103,6 +103,8 @@ func (h *taskHandle) status() *drivers.TaskStatus {
 // (the plugin shuts down or the task is destroyed), leaving the machine alone.
 func (h *taskHandle) run(ctx context.Context) {
 	go h.watchDrops(ctx)
+	changed, unwatch := h.m.mgr.WatchUnit(h.m.unit())
+	defer unwatch()
 	failures := 0
 	for {
 		st, err := h.m.mgr.Status(ctx, h.m.unit())
@@ -139,16 +141,11 @@ func (h *taskHandle) run(ctx context.Context) {
 				return
 			}
 		}
-		// Readiness is reported as soon as it is seen: poll fast while a guest boots, but not
-		// for a whole ready_timeout, which would load systemd for a guest that never gets ready.
-		interval := pollInterval
-		if !h.isReady() && time.Since(h.state.StartedAt) < bootPollWindow {
-			interval = bootPollInterval
-		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(interval):
+		case <-changed:
+		case <-time.After(pollInterval):
 		}
 	}
 }
@@ -308,6 +305,8 @@ func (h *taskHandle) finish(ctx context.Context, st *nspawn.UnitStatus, failure 
 // the forwarder stops making progress.
 func (h *taskHandle) awaitConsole(ctx context.Context) {
 	unit := h.m.consoleUnit()
+	ended, unwatch := h.m.mgr.WatchUnit(unit)
+	defer unwatch()
 	offsetFile := h.m.console().Offset()
 	var offset []byte
 	progressed := time.Now()
@@ -322,7 +321,8 @@ func (h *taskHandle) awaitConsole(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(pollInterval):
+		case <-ended:
+		case <-time.After(consoleProgressInterval):
 		}
 	}
 	h.logger.Warn("the console forwarder delivers nothing, the log may miss the last lines", "unit", unit, "stalled", consoleStallWait)

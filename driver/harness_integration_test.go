@@ -41,11 +41,11 @@ func TestMain(m *testing.M) {
 // These tests need root, a running systemd with machined, systemd-nspawn and the fixture
 // closures; `make test` runs them inside the systemd test host (e2e/testhost).
 
-func fixture(t *testing.T, name string) string {
+func fixture(t testing.TB, name string) string {
 	t.Helper()
 	p := os.Getenv(name)
 	if p == "" {
-		t.Fatalf("%s is not set: run the integration tests through `make test`", name)
+		t.Fatalf("%s is not set: run the integration tests through `make test`, the benchmarks through `make bench`", name)
 	}
 	return p
 }

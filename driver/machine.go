@@ -144,6 +144,11 @@ func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nsp
 	if err := console.Prepare(m.dir); err != nil {
 		return nspawn.UnitStatus{}, err
 	}
+	// Watched before the start, so no change is missed.
+	changed, unwatch := m.mgr.WatchUnit(m.unit())
+	defer unwatch()
+	registered, unwatchMachine := m.mgr.WatchMachine(m.name)
+	defer unwatchMachine()
 	if err := m.mgr.Start(ctx, spec); err != nil {
 		return nspawn.UnitStatus{}, err
 	}
@@ -185,7 +190,13 @@ func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nsp
 		if time.Now().After(deadline) {
 			return st, fmt.Errorf("machine %s did not register with systemd-machined within %s", m.name, registerTimeout)
 		}
-		time.Sleep(10 * time.Millisecond)
+		select {
+		case <-changed:
+		case <-registered:
+		case <-time.After(launchPollInterval):
+		case <-ctx.Done():
+			return st, ctx.Err()
+		}
 	}
 }
 

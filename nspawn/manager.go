@@ -23,7 +23,11 @@ type Manager struct {
 	mu       sync.Mutex
 	systemd  *sddbus.Conn
 	machined *machine1.Conn
+	changes  changes
 }
+
+// fallbackPoll is how often a waiter reads a unit's state without a signal from systemd.
+const fallbackPoll = time.Second
 
 // NewManager returns a manager that connects lazily.
 func NewManager() *Manager { return &Manager{} }
@@ -63,15 +67,28 @@ func (m *Manager) md() (*machine1.Conn, error) {
 	return c, nil
 }
 
-// Close drops the connection to systemd. go-systemd's machined client keeps its connection
-// private and cannot close it, so that one ends with the process.
+// Close drops the connections to systemd and ends the watches' signals. go-systemd's machined
+// client keeps its connection private and cannot close it, so that one ends with the process.
 func (m *Manager) Close() {
+	m.changes.close()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.systemd != nil {
 		m.systemd.Close()
 		m.systemd = nil
 	}
+}
+
+// WatchUnit returns a channel that receives when systemd signals a change of the unit's state
+// or its removal, and a function that ends the watch. A waiter still reads the state itself,
+// now and then, in case the bus was unreachable.
+func (m *Manager) WatchUnit(unit string) (<-chan struct{}, func()) {
+	return m.changes.watch(unitKey(unit))
+}
+
+// WatchMachine is WatchUnit for machined's registration of a machine.
+func (m *Manager) WatchMachine(machine string) (<-chan struct{}, func()) {
+	return m.changes.watch(machineKey(machine))
 }
 
 // SystemdVersion is the version systemd reports, e.g. "252.39-1~deb12u1".
@@ -206,6 +223,8 @@ func (m *Manager) Remove(ctx context.Context, unit string) error {
 		// Destroy is not the orderly path (StopTask is): kill at once.
 		_ = c.KillUnitWithTarget(ctx, unit, sddbus.All, int32(syscall.SIGKILL))
 	}
+	unloaded, unwatch := m.WatchUnit(unit)
+	defer unwatch()
 	done := make(chan string, 1)
 	if _, err := c.StopUnitContext(ctx, unit, "replace", done); err != nil {
 		// The kill may have ended and unloaded it already: then no stop job will report.
@@ -232,7 +251,8 @@ func (m *Manager) Remove(ctx context.Context, unit string) error {
 			return nil
 		}
 		select {
-		case <-time.After(20 * time.Millisecond):
+		case <-unloaded:
+		case <-time.After(fallbackPoll):
 		case <-ctx.Done():
 			return fmt.Errorf("unit %s is still loaded (%s/%s): %w", unit, st.ActiveState, st.SubState, ctx.Err())
 		}
