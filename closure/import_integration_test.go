@@ -616,9 +616,15 @@ func TestImportHostNixStore(t *testing.T) {
 			must.NoError(t, err)
 			must.Eq(t, cached, target)
 			must.Error(t, exec.Command(nixStore, "--delete", cached).Run())
+			closureRoot := filepath.Join(data, "gcroots", closureRootsDir, filepath.Base(cached))
+			roots, err := exec.Command(nixStore, "--query", "--roots", cached).Output()
+			must.NoError(t, err)
+			must.StrContains(t, string(roots), closureRoot)
 			must.NoError(t, im.RemoveRoot(context.Background(), "alloc-1"))
-			_, err = os.Lstat(link)
-			must.True(t, os.IsNotExist(err))
+			for _, l := range []string{link, closureRoot} {
+				_, err = os.Lstat(l)
+				must.True(t, os.IsNotExist(err), must.Sprint(l))
+			}
 			left, err := os.ReadDir(filepath.Join(data, "tmp"))
 			if err == nil {
 				must.SliceEmpty(t, left)
@@ -655,8 +661,8 @@ func TestInterruptedImportIsNotValid(t *testing.T) {
 }
 
 // A toplevel imported before is rooted again with one call of nix-store (the root's --realise,
-// a no-op for a valid path) instead of three: its closure is known. Once the path left the
-// store, the next import fetches it as the first did.
+// a no-op for a valid path) instead of three: its closure is known. While another name roots
+// it, with none. Once the path left the store, the next import fetches it as the first did.
 func TestImportReusesKnownClosure(t *testing.T) {
 	cached := cachedToplevel(t)
 	nixStore, err := exec.LookPath("nix-store")
@@ -688,7 +694,16 @@ func TestImportReusesKnownClosure(t *testing.T) {
 	first := called()
 	must.SliceContains(t, first, "--check-validity")
 	must.SliceContains(t, first, "--query")
+
+	second := req
+	second.Root = "alloc-2"
+	res, err = im.Import(context.Background(), second)
+	must.NoError(t, err)
+	must.Eq(t, requisites(t, cached), res.Requisites)
+	must.SliceEmpty(t, called())
 	must.NoError(t, im.RemoveRoot(context.Background(), "alloc-1"))
+	must.Error(t, exec.Command(nixStore, "--delete", cached).Run(), must.Sprint("alloc-2 still roots the closure"))
+	must.NoError(t, im.RemoveRoot(context.Background(), "alloc-2"))
 
 	res, err = im.Import(context.Background(), req)
 	must.NoError(t, err)

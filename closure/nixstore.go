@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 
 	"github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/wire"
@@ -22,20 +23,36 @@ import (
 )
 
 // NixStore is the host's Nix store, written through its nix-store program so that Nix knows
-// every imported path as valid. GC roots are indirect roots in rootDir.
+// every imported path as valid.
+//
+// Roots: a named root is a link rootDir/<name> to its toplevel, the driver's own record; what
+// Nix sees is one indirect root per closure, rootDir/.closures/<toplevel's name>, which
+// nix-store adds for the first named root of the closure and the last one's removal drops.
+// Rooting a closure that is already rooted runs no nix-store: concurrent starts of one closure
+// had each waited for its own nix-store call.
 type NixStore struct {
 	nixStore string
 	rootDir  string
 	tmp      string
+	// rootsMu keeps a closure's root from being dropped while another name is rooted on it.
+	rootsMu sync.Mutex
 }
+
+// closureRootsDir holds the closures' roots; names of roots cannot start with a dot.
+const closureRootsDir = ".closures"
 
 // NewNixStore uses the nix-store program at nixStore; roots go to rootDir and staging to tmp.
 func NewNixStore(nixStore, rootDir, tmp string) (*NixStore, error) {
 	s := &NixStore{nixStore: nixStore, rootDir: rootDir, tmp: tmp}
-	if err := os.MkdirAll(rootDir, 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(rootDir, closureRootsDir), 0o755); err != nil {
 		return nil, err
 	}
 	if err := clearTemp(s); err != nil {
+		return nil, err
+	}
+	// A plugin that died between adding a closure's root and naming it leaves the closure's
+	// root alone.
+	if err := s.dropUnnamedClosureRoots(); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -126,20 +143,103 @@ func (s *NixStore) AddRoot(ctx context.Context, name, p string) error {
 	if err := checkRootName(name); err != nil {
 		return err
 	}
-	// --indirect registers the link in /nix/var/nix/gcroots/auto; Nix drops it once the link is gone.
-	_, err := s.run(ctx, nil, "--realise", p, "--add-root", filepath.Join(s.rootDir, name), "--indirect")
-	return err
+	s.rootsMu.Lock()
+	defer s.rootsMu.Unlock()
+	closureRoot := s.closureRoot(p)
+	if target, err := os.Readlink(closureRoot); err != nil || target != p {
+		// --indirect registers the link in /nix/var/nix/gcroots/auto; Nix drops it once the
+		// link is gone.
+		if _, err := s.run(ctx, nil, "--realise", p, "--add-root", closureRoot, "--indirect"); err != nil {
+			return err
+		}
+	}
+	link := filepath.Join(s.rootDir, name)
+	if err := os.Remove(link); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := os.Symlink(p, link); err != nil {
+		return errors.Join(err, s.dropClosureRootIfUnnamed(p))
+	}
+	return nil
 }
 
 func (s *NixStore) RemoveRoot(_ context.Context, name string) error {
 	if err := checkRootName(name); err != nil {
 		return err
 	}
-	err := os.Remove(filepath.Join(s.rootDir, name))
-	if errors.Is(err, os.ErrNotExist) {
+	s.rootsMu.Lock()
+	defer s.rootsMu.Unlock()
+	link := filepath.Join(s.rootDir, name)
+	target, readErr := os.Readlink(link)
+	if errors.Is(readErr, os.ErrNotExist) {
 		return nil
 	}
-	return err
+	if err := os.Remove(link); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if readErr != nil {
+		// Not a link: no closure's root depends on it.
+		return nil
+	}
+	return s.dropClosureRootIfUnnamed(target)
+}
+
+func (s *NixStore) closureRoot(p string) string {
+	return filepath.Join(s.rootDir, closureRootsDir, filepath.Base(p))
+}
+
+// named is the set of toplevels that named roots link to. It needs rootsMu held, or the store
+// to itself (NewNixStore).
+func (s *NixStore) named() (map[string]bool, error) {
+	entries, err := os.ReadDir(s.rootDir)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]bool{}
+	for _, e := range entries {
+		if e.Name() == closureRootsDir {
+			continue
+		}
+		if target, err := os.Readlink(filepath.Join(s.rootDir, e.Name())); err == nil {
+			out[target] = true
+		}
+	}
+	return out, nil
+}
+
+// dropClosureRootIfUnnamed removes the closure's root once no named root links to the closure.
+// It needs rootsMu held.
+func (s *NixStore) dropClosureRootIfUnnamed(p string) error {
+	named, err := s.named()
+	if err != nil || named[p] {
+		return err
+	}
+	if err := os.Remove(s.closureRoot(p)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+func (s *NixStore) dropUnnamedClosureRoots() error {
+	named, err := s.named()
+	if err != nil {
+		return err
+	}
+	dir := filepath.Join(s.rootDir, closureRootsDir)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		target, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err == nil && named[target] {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
 }
 
 // stage spools the verified NAR to a file; commit feeds it to nix-store --import.

@@ -296,7 +296,7 @@ func inventory(t testing.TB, dataDir string) []string {
 		out = append(out, "port forwards of "+m)
 	}
 	// GC roots (the host's Nix store's and the driver's own) and import staging.
-	for _, d := range []string{"gcroots", "tmp", "store/.roots", "store/.tmp"} {
+	for _, d := range []string{"gcroots", "gcroots/.closures", "tmp", "store/.roots", "store/.tmp"} {
 		entries, _ := os.ReadDir(filepath.Join(dataDir, d))
 		for _, e := range entries {
 			out = append(out, d+" "+e.Name())
