@@ -118,7 +118,7 @@ func BenchmarkTimeToAddress(b *testing.B) {
 			root := filepath.Join(b.TempDir(), "root")
 			must.NoError(b, nspawn.PrepareRoot(root))
 			b.StartTimer()
-			bareStart(b, name, root, toplevel, "--network-veth-extra="+link+":eth0")
+			must.NoError(b, bareStart(name, root, toplevel, "--network-veth-extra="+link+":eth0"))
 			leader, err := exec.Command("machinectl", "show", "-p", "Leader", "--value", name).Output()
 			must.NoError(b, err)
 			pid := strings.TrimSpace(string(leader))
@@ -142,13 +142,16 @@ func BenchmarkTimeToAddress(b *testing.B) {
 
 // bareStart runs the tiny or systemd fixture as the NixOS launch contract says, without the
 // driver: systemd-run returns once the guest reported READY=1.
-func bareStart(b testing.TB, name, root, toplevel, network string) {
+func bareStart(name, root, toplevel, network string) error {
 	out, err := exec.Command("systemd-run", "--quiet", "--unit="+name,
 		"-p", "Type=notify", "-p", "NotifyAccess=all", "-p", "Delegate=yes", "-p", "RemainAfterExit=yes", "-p", "KillMode=mixed",
 		"systemd-nspawn", "--quiet", "--keep-unit", "--settings=no", "-D", root, "-M", name, "-U",
 		"--bind-ro=/nix/store", "--notify-ready=yes", "--kill-signal=SIGRTMIN+3", "--console=read-only",
 		"--link-journal=no", network, toplevel+"/init").CombinedOutput()
-	must.NoError(b, err, must.Sprint(string(out)))
+	if err != nil {
+		return fmt.Errorf("systemd-run %s: %w: %s", name, err, out)
+	}
+	return nil
 }
 
 // benchNewDriver is a configured driver with the default plugin config.
@@ -181,7 +184,7 @@ func bareStartToReady(b *testing.B, toplevel, name string) time.Duration {
 	root := filepath.Join(b.TempDir(), "root")
 	must.NoError(b, nspawn.PrepareRoot(root))
 	t0 := time.Now()
-	bareStart(b, name, root, toplevel, "--network-veth")
+	must.NoError(b, bareStart(name, root, toplevel, "--network-veth"))
 	took := time.Since(t0)
 	_ = exec.Command("systemctl", "stop", name).Run()
 	_ = exec.Command("systemctl", "reset-failed", name).Run()

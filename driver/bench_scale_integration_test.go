@@ -27,30 +27,70 @@ import (
 const concurrentTasks = 10
 
 // Ten tasks of the tiny fixture started at once until all are READY, then stopped at once until
-// all are gone (StopTask and DestroyTask), against one task started and stopped alone, taking
-// turns in the same run.
+// all are gone (StopTask and DestroyTask), against one task started and stopped alone; and the
+// same for bare systemd-run + nspawn starts and systemctl stops, which show what the host itself
+// allows. All take turns in the same run.
 func BenchmarkConcurrency(b *testing.B) {
 	toplevel := fixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
 	d := benchNewDriver(b)
 	defer d.Shutdown()
 	ready := followReadiness(b, d)
-	var one, many struct{ start, stop time.Duration }
+	var one, many, bareOne, bareMany startStop
 	for i := 0; i < b.N; i++ {
-		start, stop := startStopAtOnce(b, d, ready, toplevel, fmt.Sprintf("one%d", i), 1)
-		one.start += start
-		one.stop += stop
-		start, stop = startStopAtOnce(b, d, ready, toplevel, fmt.Sprintf("many%d", i), concurrentTasks)
-		many.start += start
-		many.stop += stop
+		one.add(startStopAtOnce(b, d, ready, toplevel, fmt.Sprintf("one%d", i), 1))
+		many.add(startStopAtOnce(b, d, ready, toplevel, fmt.Sprintf("many%d", i), concurrentTasks))
+		bareOne.add(bareStartStopAtOnce(b, toplevel, fmt.Sprintf("bareone%d", i), 1))
+		bareMany.add(bareStartStopAtOnce(b, toplevel, fmt.Sprintf("baremany%d", i), concurrentTasks))
 	}
-	n := time.Duration(b.N)
-	reportMs(b, one.start/n, "start-1-ms")
-	reportMs(b, many.start/n, fmt.Sprintf("start-%d-ms", concurrentTasks))
-	b.ReportMetric(float64(many.start)/float64(one.start), fmt.Sprintf("start-%d/1", concurrentTasks))
-	reportMs(b, one.stop/n, "stop-1-ms")
-	reportMs(b, many.stop/n, fmt.Sprintf("stop-%d-ms", concurrentTasks))
-	b.ReportMetric(float64(many.stop)/float64(one.stop), fmt.Sprintf("stop-%d/1", concurrentTasks))
+	for _, r := range []struct {
+		name      string
+		one, many startStop
+	}{{"driver", one, many}, {"bare", bareOne, bareMany}} {
+		n := time.Duration(b.N)
+		reportMs(b, r.one.start/n, r.name+"-start-1-ms")
+		reportMs(b, r.many.start/n, fmt.Sprintf("%s-start-%d-ms", r.name, concurrentTasks))
+		b.ReportMetric(float64(r.many.start)/float64(r.one.start), fmt.Sprintf("%s-start-%d/1", r.name, concurrentTasks))
+		reportMs(b, r.one.stop/n, r.name+"-stop-1-ms")
+		reportMs(b, r.many.stop/n, fmt.Sprintf("%s-stop-%d-ms", r.name, concurrentTasks))
+		b.ReportMetric(float64(r.many.stop)/float64(r.one.stop), fmt.Sprintf("%s-stop-%d/1", r.name, concurrentTasks))
+	}
 	b.ReportMetric(0, "ns/op")
+}
+
+// startStop sums the times of starts and of stops.
+type startStop struct{ start, stop time.Duration }
+
+func (s *startStop) add(start, stop time.Duration) {
+	s.start += start
+	s.stop += stop
+}
+
+// bareStartStopAtOnce starts n bare machines at once and returns how long until all were READY,
+// then stops them at once with systemctl stop and returns how long that took.
+func bareStartStopAtOnce(b *testing.B, toplevel, name string, n int) (time.Duration, time.Duration) {
+	names := make([]string, n)
+	roots := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("%s-%d", name, i)
+		roots[i] = filepath.Join(b.TempDir(), "root")
+		must.NoError(b, nspawn.PrepareRoot(roots[i]))
+	}
+	t0 := time.Now()
+	must.NoError(b, eachAtOnce(n, func(i int) error { return bareStart(names[i], roots[i], toplevel, "--network-veth") }))
+	started := time.Since(t0)
+	t0 = time.Now()
+	must.NoError(b, eachAtOnce(n, func(i int) error {
+		if out, err := exec.Command("systemctl", "stop", names[i]).CombinedOutput(); err != nil {
+			return fmt.Errorf("systemctl stop %s: %w: %s", names[i], err, out)
+		}
+		return nil
+	}))
+	stopped := time.Since(t0)
+	for i := range names {
+		_ = exec.Command("systemctl", "reset-failed", names[i]).Run()
+		must.NoError(b, nspawn.RemoveRoot(roots[i]))
+	}
+	return started, stopped
 }
 
 // startStopAtOnce starts n tasks at once and returns how long until all were READY, then stops
@@ -80,14 +120,24 @@ func startStopAtOnce(b *testing.B, d drivers.DriverPlugin, ready *readiness, top
 
 // atOnce runs f for every task in a goroutine of its own and returns the first error.
 func atOnce(tasks []*drivers.TaskConfig, f func(*drivers.TaskConfig) error) error {
-	errs := make(chan error, len(tasks))
+	return eachAtOnce(len(tasks), func(i int) error {
+		if err := f(tasks[i]); err != nil {
+			return fmt.Errorf("task %s: %w", tasks[i].Name, err)
+		}
+		return nil
+	})
+}
+
+// eachAtOnce runs f(0) to f(n-1), each in a goroutine of its own, and returns the first error.
+func eachAtOnce(n int, f func(int) error) error {
+	errs := make(chan error, n)
 	var wg sync.WaitGroup
-	for _, task := range tasks {
+	for i := 0; i < n; i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := f(task); err != nil {
-				errs <- fmt.Errorf("task %s: %w", task.Name, err)
+			if err := f(i); err != nil {
+				errs <- err
 			}
 		}()
 	}
@@ -163,7 +213,7 @@ func BenchmarkStop(b *testing.B) {
 		name := fmt.Sprintf("benchstop%d", i)
 		root := filepath.Join(b.TempDir(), "root")
 		must.NoError(b, nspawn.PrepareRoot(root))
-		bareStart(b, name, root, toplevel, "--network-veth")
+		must.NoError(b, bareStart(name, root, toplevel, "--network-veth"))
 		t0 = time.Now()
 		out, err := exec.Command("systemctl", "stop", name).CombinedOutput()
 		bare += time.Since(t0)

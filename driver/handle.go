@@ -24,9 +24,10 @@ import (
 )
 
 // A handle reads its unit's state when systemd signals a change, and every pollInterval in case
-// a signal was missed. Exit latency, not correctness, depends on it: the unit keeps its exit
-// status, or records it when it is unloaded, until the task is destroyed.
-const pollInterval = 5 * time.Second
+// a signal was missed (a reconnect to the bus wakes it too). Exit latency, not correctness,
+// depends on it: the unit keeps its exit status, or records it when it is unloaded, until the
+// task is destroyed. Each read costs systemd two GetAll calls of a few hundred properties.
+const pollInterval = 30 * time.Second
 
 const (
 	// consoleTailLines is how much of the console an error about a failed machine quotes.
@@ -35,7 +36,7 @@ const (
 	// exit is reported without waiting for the rest: Nomad's reader may be gone.
 	consoleStallWait = 30 * time.Second
 	// dropsInterval is how often a handle looks for console output the forwarder dropped.
-	dropsInterval = time.Second
+	dropsInterval = 5 * time.Second
 	// consoleProgressInterval is how often an ended machine's handle looks whether its forwarder
 	// still delivers.
 	consoleProgressInterval = time.Second

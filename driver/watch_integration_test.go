@@ -34,7 +34,7 @@ func TestManagerWatches(t *testing.T) {
 	root := filepath.Join(t.TempDir(), "root")
 	must.NoError(t, nspawn.PrepareRoot(root))
 	defer func() { must.NoError(t, nspawn.RemoveRoot(root)) }()
-	bareStart(t, name, root, tinyToplevel(t), "--private-network")
+	must.NoError(t, bareStart(name, root, tinyToplevel(t), "--private-network"))
 	awaitWake(t, unit, "the unit's start")
 	awaitWake(t, machine, "the machine's registration")
 	// The start's last changes may still be on their way: let them arrive and drop them, so the
