@@ -479,8 +479,8 @@ func TestDestroyWithoutState(t *testing.T) {
 		_ = exec.Command("systemctl", "stop", nspawn.UnitName(machine), nspawn.ConsoleUnit(machine)).Run()
 	})
 	waitLog(t, cfg, "tinyinit: ready", 30*time.Second)
-	// unit, forwarder unit, machine, veth, directory, GC root
-	must.Len(t, 6, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
+	// unit, forwarder unit, machine, veth, directory, the machine's root and its closure's
+	must.Len(t, 7, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
 
 	td.d.Shutdown()
 	td.Kill()
