@@ -6,10 +6,10 @@
 package cgroupfs
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -68,12 +68,96 @@ type Usage struct {
 	ThrottledTime    time.Duration
 }
 
-// Read samples the cgroup at path (a unit's ControlGroup, e.g. /machine.slice/x.service).
-func (c Cgroups) Read(path string) (Usage, error) {
-	if c.Mode == CgroupUnified {
-		return readV2(filepath.Join(c.Base, path))
+// Sampler reads one cgroup's usage again and again. It keeps the files it read open and reads
+// them again from the start: opening a cgroup file costs the reader several times what reading
+// it does, and Nomad asks for every task's usage every second. A file that fails is opened
+// afresh (its cgroup was made again, its process ended); files the last sample did not read
+// are closed.
+type Sampler struct {
+	c     Cgroups
+	path  string
+	files map[string]*os.File
+	used  map[string]bool
+	buf   []byte
+	// procsFiles are the cgroup.procs files of the unit's tree, for the CPU time of its
+	// processes, listed again every walkEvery samples.
+	procsFiles []string
+	sinceWalk  int
+}
+
+// walkEvery is how many samples reuse the list of a unit's cgroups: listing them cost more than
+// everything else a sample reads. A process in a cgroup made since counts from the next listing
+// on, with all its CPU time.
+const walkEvery = 10
+
+// Sampler samples the cgroup at path (a unit's ControlGroup, e.g. /machine.slice/x.service).
+func (c Cgroups) Sampler(path string) *Sampler {
+	return &Sampler{c: c, path: path, files: map[string]*os.File{}, buf: make([]byte, 4096)}
+}
+
+// Read takes one sample.
+func (s *Sampler) Read() (Usage, error) {
+	s.used = map[string]bool{}
+	var u Usage
+	var err error
+	if s.c.Mode == CgroupUnified {
+		u, err = s.readV2(filepath.Join(s.c.Base, s.path))
+	} else {
+		u, err = s.readV1(s.c.Base, s.path)
 	}
-	return readV1(c.Base, path)
+	for p, f := range s.files {
+		if !s.used[p] {
+			f.Close()
+			delete(s.files, p)
+		}
+	}
+	return u, err
+}
+
+// Close closes the files the sampler keeps open.
+func (s *Sampler) Close() {
+	for p, f := range s.files {
+		f.Close()
+		delete(s.files, p)
+	}
+}
+
+// read returns the whole content of a file, valid until the next read.
+func (s *Sampler) read(path string) ([]byte, error) {
+	s.used[path] = true
+	if f, ok := s.files[path]; ok {
+		if b, err := s.readAll(f); err == nil {
+			return b, nil
+		}
+		f.Close()
+		delete(s.files, path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	b, err := s.readAll(f)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	s.files[path] = f
+	return b, nil
+}
+
+// readAll reads f from its start. A read that does not fill the buffer got the whole file: the
+// kernel's generated files (seq_file) fill a read up to its size.
+func (s *Sampler) readAll(f *os.File) ([]byte, error) {
+	for {
+		n, err := f.ReadAt(s.buf, 0)
+		if n < len(s.buf) {
+			if err != nil && !errors.Is(err, io.EOF) {
+				return nil, err
+			}
+			return s.buf[:n], nil
+		}
+		s.buf = make([]byte, 2*len(s.buf))
+	}
 }
 
 // OOMKills reads only the OOM kill counter: cheap enough to poll.
@@ -86,25 +170,25 @@ func (c Cgroups) OOMKills(path string) (uint64, error) {
 	return kv["oom_kill"], err
 }
 
-func readV2(dir string) (Usage, error) {
+func (s *Sampler) readV2(dir string) (Usage, error) {
 	var u Usage
 	var err error
-	if u.MemoryUsage, err = readUint(filepath.Join(dir, "memory.current")); err != nil {
+	if u.MemoryUsage, err = s.readUint(filepath.Join(dir, "memory.current")); err != nil {
 		return u, err
 	}
-	mem, err := readKeyValues(filepath.Join(dir, "memory.stat"))
+	mem, err := s.readKeyValues(filepath.Join(dir, "memory.stat"))
 	if err != nil {
 		return u, err
 	}
 	u.MemoryRSS, u.MemoryCache = mem["anon"], mem["file"]
-	if v, err := readUint(filepath.Join(dir, "memory.swap.current")); err == nil {
+	if v, err := s.readUint(filepath.Join(dir, "memory.swap.current")); err == nil {
 		u.MemorySwap, u.HasSwap = v, true
 	}
 	// memory.peak exists from Linux 5.19 on.
-	if v, err := readUint(filepath.Join(dir, "memory.peak")); err == nil {
+	if v, err := s.readUint(filepath.Join(dir, "memory.peak")); err == nil {
 		u.MemoryMaxUsage, u.HasMaxUsage = v, true
 	}
-	cpu, err := readKeyValues(filepath.Join(dir, "cpu.stat"))
+	cpu, err := s.readKeyValues(filepath.Join(dir, "cpu.stat"))
 	if err != nil {
 		return u, err
 	}
@@ -119,17 +203,17 @@ func readV2(dir string) (Usage, error) {
 // userHZ is the unit of cpuacct.stat; Linux fixes it at 100 for user space.
 const userHZ = 100
 
-func readV1(base, path string) (Usage, error) {
+func (s *Sampler) readV1(base, path string) (Usage, error) {
 	var u Usage
 	var err error
 	memDir := filepath.Join(base, "memory", path)
-	if u.MemoryUsage, err = readUint(filepath.Join(memDir, "memory.usage_in_bytes")); err != nil {
+	if u.MemoryUsage, err = s.readUint(filepath.Join(memDir, "memory.usage_in_bytes")); err != nil {
 		return u, err
 	}
-	if u.MemoryMaxUsage, err = readUint(filepath.Join(memDir, "memory.max_usage_in_bytes")); err == nil {
+	if u.MemoryMaxUsage, err = s.readUint(filepath.Join(memDir, "memory.max_usage_in_bytes")); err == nil {
 		u.HasMaxUsage = true
 	}
-	mem, err := readKeyValues(filepath.Join(memDir, "memory.stat"))
+	mem, err := s.readKeyValues(filepath.Join(memDir, "memory.stat"))
 	if err != nil {
 		return u, err
 	}
@@ -140,11 +224,11 @@ func readV1(base, path string) (Usage, error) {
 	}
 
 	acct := filepath.Join(base, "cpuacct", path)
-	total, err := readUint(filepath.Join(acct, "cpuacct.usage"))
+	total, err := s.readUint(filepath.Join(acct, "cpuacct.usage"))
 	switch {
 	case err == nil:
 		u.CPUTotal = time.Duration(total)
-		st, err := readKeyValues(filepath.Join(acct, "cpuacct.stat"))
+		st, err := s.readKeyValues(filepath.Join(acct, "cpuacct.stat"))
 		if err != nil {
 			return u, err
 		}
@@ -153,14 +237,14 @@ func readV1(base, path string) (Usage, error) {
 	case IsGone(err):
 		// systemd makes no per-unit cpuacct cgroup when cpu and cpuacct are mounted apart; the
 		// unit's live processes are the best measure left.
-		if u.CPUUser, u.CPUSystem, err = processCPU(memDir); err != nil {
+		if u.CPUUser, u.CPUSystem, err = s.processCPU(memDir); err != nil {
 			return u, err
 		}
 		u.CPUTotal = u.CPUUser + u.CPUSystem
 	default:
 		return u, err
 	}
-	if cs, err := readKeyValues(filepath.Join(base, "cpu", path, "cpu.stat")); err == nil {
+	if cs, err := s.readKeyValues(filepath.Join(base, "cpu", path, "cpu.stat")); err == nil {
 		u.ThrottledPeriods = cs["nr_throttled"]
 		u.ThrottledTime = time.Duration(cs["throttled_time"])
 	}
@@ -168,17 +252,23 @@ func readV1(base, path string) (Usage, error) {
 }
 
 // processCPU sums the user and system time of the processes in a cgroup tree.
-func processCPU(dir string) (user, system time.Duration, err error) {
-	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
-			return err
+func (s *Sampler) processCPU(dir string) (user, system time.Duration, err error) {
+	if s.procsFiles == nil || s.sinceWalk >= walkEvery {
+		if s.procsFiles, err = procsFiles(dir); err != nil {
+			return 0, 0, err
 		}
-		b, err := os.ReadFile(p)
+		s.sinceWalk = 0
+	}
+	s.sinceWalk++
+	for _, p := range s.procsFiles {
+		b, err := s.read(p)
 		if err != nil {
-			return nil // the cgroup went away while walking
+			// The cgroup went away: list them again next time.
+			s.procsFiles = nil
+			continue
 		}
 		for _, pid := range strings.Fields(string(b)) {
-			stat, err := os.ReadFile(filepath.Join("/proc", pid, "stat"))
+			stat, err := s.read(filepath.Join("/proc", pid, "stat"))
 			if err != nil {
 				continue
 			}
@@ -192,34 +282,57 @@ func processCPU(dir string) (user, system time.Duration, err error) {
 			user += time.Duration(ut) * time.Second / userHZ
 			system += time.Duration(st) * time.Second / userHZ
 		}
-		return nil
-	})
-	return user, system, err
+	}
+	return user, system, nil
 }
 
-func readUint(path string) (uint64, error) {
-	b, err := os.ReadFile(path)
+// procsFiles lists the cgroup.procs files of the cgroup tree at dir.
+func procsFiles(dir string) ([]string, error) {
+	var out []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
+			return err
+		}
+		out = append(out, p)
+		return nil
+	})
+	return out, err
+}
+
+func (s *Sampler) readUint(path string) (uint64, error) {
+	b, err := s.read(path)
 	if err != nil {
 		return 0, err
 	}
-	s := string(bytes.TrimSpace(b))
-	if s == "max" {
+	v := string(bytes.TrimSpace(b))
+	if v == "max" {
 		return 0, nil
 	}
-	return strconv.ParseUint(s, 10, 64)
+	return strconv.ParseUint(v, 10, 64)
 }
 
 // readKeyValues parses files of "key value" lines such as memory.stat and cpu.stat.
-func readKeyValues(path string) (map[string]uint64, error) {
-	f, err := os.Open(path)
+func (s *Sampler) readKeyValues(path string) (map[string]uint64, error) {
+	b, err := s.read(path)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	return parseKeyValues(b), nil
+}
+
+// readKeyValues reads a file of "key value" lines once.
+func readKeyValues(path string) (map[string]uint64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return parseKeyValues(b), nil
+}
+
+func parseKeyValues(b []byte) map[string]uint64 {
 	out := map[string]uint64{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), " ")
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, " ")
 		if !ok {
 			continue
 		}
@@ -229,7 +342,7 @@ func readKeyValues(path string) (map[string]uint64, error) {
 		}
 		out[k] = n
 	}
-	return out, sc.Err()
+	return out
 }
 
 // IsGone tells whether err means the cgroup no longer exists, e.g. because its unit ended.

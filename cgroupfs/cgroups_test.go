@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,7 +25,7 @@ const (
 
 func TestCgroupsV2_Read(t *testing.T) {
 	c := Cgroups{Base: "testdata/cgroupv2", Mode: CgroupUnified}
-	u, err := c.Read(testCgroup)
+	u, err := c.readOnce(testCgroup)
 	must.NoError(t, err)
 	must.Eq(t, Usage{
 		MemoryUsage:    169308160,
@@ -46,7 +47,7 @@ func TestCgroupsV2_Read(t *testing.T) {
 // Before Linux 5.19 there is no memory.peak, and without swap accounting no memory.swap.current.
 func TestCgroupsV2_ReadOldKernel(t *testing.T) {
 	c := Cgroups{Base: "testdata/cgroupv2", Mode: CgroupUnified}
-	u, err := c.Read(testCgroupOldV2)
+	u, err := c.readOnce(testCgroupOldV2)
 	must.NoError(t, err)
 	must.Eq(t, Usage{
 		MemoryUsage: 52428800,
@@ -74,7 +75,7 @@ func TestCgroupsV1_Read(t *testing.T) {
 	for _, mode := range []CgroupMode{CgroupHybrid, CgroupLegacy} {
 		t.Run(string(mode), func(t *testing.T) {
 			c := Cgroups{Base: "testdata/cgroupv1", Mode: mode}
-			u, err := c.Read(testCgroup)
+			u, err := c.readOnce(testCgroup)
 			must.NoError(t, err)
 			must.Eq(t, Usage{
 				MemoryUsage:    180355072,
@@ -98,7 +99,7 @@ func TestCgroupsV1_Read(t *testing.T) {
 
 func TestCgroupsV1_ReadNoSwap(t *testing.T) {
 	c := Cgroups{Base: "testdata/cgroupv1", Mode: CgroupHybrid}
-	u, err := c.Read(testCgroupNoSwap)
+	u, err := c.readOnce(testCgroupNoSwap)
 	must.NoError(t, err)
 	must.Eq(t, Usage{
 		MemoryUsage: 52428800,
@@ -127,7 +128,7 @@ func TestCgroups_Gone(t *testing.T) {
 		{Base: "testdata/cgroupv1", Mode: CgroupLegacy},
 	} {
 		t.Run(string(c.Mode), func(t *testing.T) {
-			_, err := c.Read(testCgroupGone)
+			_, err := c.readOnce(testCgroupGone)
 			must.Error(t, err)
 			must.True(t, IsGone(err), must.Sprintf("err = %v", err))
 			_, err = c.OOMKills(testCgroupGone)
@@ -144,15 +145,15 @@ func TestCgroupsV2_PartlyGone(t *testing.T) {
 	must.NoError(t, os.WriteFile(filepath.Join(dir, "memory.current"), []byte("4096\n"), 0o644))
 	c := Cgroups{Base: base, Mode: CgroupUnified}
 
-	_, err := c.Read("/machine.slice/x.service")
+	_, err := c.readOnce("/machine.slice/x.service")
 	must.True(t, IsGone(err), must.Sprintf("err = %v", err))
 
 	must.NoError(t, os.WriteFile(filepath.Join(dir, "memory.stat"), []byte("anon 1\nfile 2\n"), 0o644))
-	_, err = c.Read("/machine.slice/x.service")
+	_, err = c.readOnce("/machine.slice/x.service")
 	must.True(t, IsGone(err), must.Sprintf("err = %v", err))
 
 	must.NoError(t, os.WriteFile(filepath.Join(dir, "cpu.stat"), []byte("usage_usec 1\nuser_usec 1\nsystem_usec 0\n"), 0o644))
-	u, err := c.Read("/machine.slice/x.service")
+	u, err := c.readOnce("/machine.slice/x.service")
 	must.NoError(t, err)
 	must.EqOp(t, uint64(4096), u.MemoryUsage)
 	must.EqOp(t, time.Microsecond, u.CPUTotal)
@@ -163,7 +164,7 @@ func TestCgroups_Malformed(t *testing.T) {
 	dir := filepath.Join(base, "x.service")
 	must.NoError(t, os.MkdirAll(dir, 0o755))
 	must.NoError(t, os.WriteFile(filepath.Join(dir, "memory.current"), []byte("lots\n"), 0o644))
-	_, err := Cgroups{Base: base, Mode: CgroupUnified}.Read("/x.service")
+	_, err := Cgroups{Base: base, Mode: CgroupUnified}.readOnce("/x.service")
 	must.Error(t, err)
 	must.False(t, IsGone(err))
 }
@@ -213,7 +214,7 @@ func TestCgroupsV1_ProcessCPUFallback(t *testing.T) {
 
 	var before, after syscall.Rusage
 	must.NoError(t, syscall.Getrusage(syscall.RUSAGE_SELF, &before))
-	u, err := Cgroups{Base: base, Mode: CgroupHybrid}.Read("/machine.slice/x.service")
+	u, err := Cgroups{Base: base, Mode: CgroupHybrid}.readOnce("/machine.slice/x.service")
 	must.NoError(t, syscall.Getrusage(syscall.RUSAGE_SELF, &after))
 	must.NoError(t, err)
 
@@ -228,4 +229,79 @@ func TestCgroupsV1_ProcessCPUFallback(t *testing.T) {
 	must.Positive(t, u.CPUTotal)
 	must.EqOp(t, uint64(1048576), u.MemoryUsage)
 	must.EqOp(t, uint64(4096), u.MemoryRSS)
+}
+
+// readOnce takes one sample with a sampler of its own.
+func (c Cgroups) readOnce(path string) (Usage, error) {
+	s := c.Sampler(path)
+	defer s.Close()
+	return s.Read()
+}
+
+// A sampler reads its open files again from the start: it sees what changed since, and keeps
+// the files open only until Close.
+func TestSampler_ReadsAgain(t *testing.T) {
+	base := t.TempDir()
+	dir := filepath.Join(base, "x.service")
+	must.NoError(t, os.MkdirAll(dir, 0o755))
+	write := func(name, content string) {
+		must.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644))
+	}
+	write("memory.current", "4096\n")
+	write("memory.stat", "anon 1\nfile 2\n")
+	write("cpu.stat", "usage_usec 1\nuser_usec 1\nsystem_usec 0\n")
+	fds := func() int {
+		entries, err := os.ReadDir("/proc/self/fd")
+		must.NoError(t, err)
+		return len(entries)
+	}
+	before := fds()
+	s := Cgroups{Base: base, Mode: CgroupUnified}.Sampler("/x.service")
+	u, err := s.Read()
+	must.NoError(t, err)
+	must.EqOp(t, uint64(4096), u.MemoryUsage)
+	must.EqOp(t, 3, fds()-before)
+
+	// Longer than the sampler's first buffer, and written in place as the kernel's files change.
+	write("memory.current", "8192\n")
+	write("memory.stat", strings.Repeat("pgfault 7\n", 1000)+"anon 3\nfile 4\n")
+	u, err = s.Read()
+	must.NoError(t, err)
+	must.EqOp(t, uint64(8192), u.MemoryUsage)
+	must.EqOp(t, uint64(3), u.MemoryRSS)
+	must.EqOp(t, uint64(4), u.MemoryCache)
+	s.Close()
+	must.EqOp(t, before, fds())
+}
+
+// Without cpuacct, a sampler lists the unit's cgroups every walkEvery samples: a cgroup made in
+// between counts from the next listing on.
+func TestSampler_ListsCgroupsAgain(t *testing.T) {
+	base := t.TempDir()
+	mem := filepath.Join(base, "memory", "x.service")
+	must.NoError(t, os.MkdirAll(filepath.Join(mem, "payload"), 0o755))
+	for name, content := range map[string]string{
+		"memory.usage_in_bytes": "1048576\n",
+		"memory.stat":           "total_rss 4096\ntotal_cache 8192\n",
+		"cgroup.procs":          "",
+		"payload/cgroup.procs":  fmt.Sprintf("%d\n", os.Getpid()),
+	} {
+		must.NoError(t, os.WriteFile(filepath.Join(mem, name), []byte(content), 0o644))
+	}
+	s := Cgroups{Base: base, Mode: CgroupHybrid}.Sampler("/x.service")
+	defer s.Close()
+	_, err := s.Read()
+	must.NoError(t, err)
+	must.Len(t, 2, s.procsFiles)
+
+	must.NoError(t, os.MkdirAll(filepath.Join(mem, "late"), 0o755))
+	must.NoError(t, os.WriteFile(filepath.Join(mem, "late", "cgroup.procs"), nil, 0o644))
+	for i := 1; i < walkEvery; i++ {
+		_, err := s.Read()
+		must.NoError(t, err)
+		must.Len(t, 2, s.procsFiles)
+	}
+	_, err = s.Read()
+	must.NoError(t, err)
+	must.Len(t, 3, s.procsFiles)
 }

@@ -34,6 +34,12 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 		total, user, system := cpustats.New(compute), cpustats.New(compute), cpustats.New(compute)
 		timer := time.NewTimer(0)
 		defer timer.Stop()
+		var sampler *cgroupfs.Sampler
+		defer func() {
+			if sampler != nil {
+				sampler.Close()
+			}
+		}()
 		for {
 			select {
 			case <-ctx.Done():
@@ -49,7 +55,10 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 			if cg == "" {
 				continue
 			}
-			u, err := h.cgroups.Read(cg)
+			if sampler == nil {
+				sampler = h.cgroups.Sampler(cg)
+			}
+			u, err := sampler.Read()
 			if err != nil {
 				if !cgroupfs.IsGone(err) {
 					h.logger.Debug("reading machine cgroup", "error", err)
