@@ -61,7 +61,7 @@ integration: testhost-ready
 # What only a real kernel on the unified cgroup v2 hierarchy shows, with Debian 13's systemd 257,
 # in a QEMU VM (e2e/vmhost). QEMU emulates the CPU there (TCG), 20-30 times slower than native,
 # so the VM runs only these tests, not the whole integration suite.
-VM_TESTS := TestCgroupV2.*|TestOutboundMasquerade|TestExitCodes|TestStop|TestStopContract|TestOOMKilled|TestFingerprint|TestCyclesLeaveNothing|TestDevices|TestHostVolume
+VM_TESTS := TestCgroupV2.*|TestManagerWatches|TestOutboundMasquerade|TestExitCodes|TestStop|TestStopContract|TestOOMKilled|TestFingerprint|TestCyclesLeaveNothing|TestDevices|TestHostVolume
 # Nomad's bridge mode under a real agent with the CNI plugins (TestBridge): it makes a bridge and
 # iptables rules in the host's network namespace, so it runs only in the VM host, after the suite
 # above.
