@@ -96,26 +96,42 @@ func bareStartStopAtOnce(b *testing.B, toplevel, name string, n int) (time.Durat
 // startStopAtOnce starts n tasks at once and returns how long until all were READY, then stops
 // and destroys them at once and returns how long until all were gone.
 func startStopAtOnce(b *testing.B, d drivers.DriverPlugin, ready *readiness, toplevel, name string, n int) (time.Duration, time.Duration) {
+	tasks := benchTasks(b, toplevel, name, n)
+	started := startAtOnce(b, d, ready, tasks, time.Minute)
+	return started, stopAtOnce(b, d, tasks)
+}
+
+// benchTasks are n tasks of the closure, named name-0 to name-<n-1>.
+func benchTasks(b *testing.B, toplevel, name string, n int) []*drivers.TaskConfig {
 	tasks := make([]*drivers.TaskConfig, n)
 	for i := range tasks {
 		tasks[i] = benchTask(b, toplevel, fmt.Sprintf("%s-%d", name, i), storeViewClosure)
 	}
+	return tasks
+}
+
+// startAtOnce starts the tasks at once and returns how long until all were READY.
+func startAtOnce(b *testing.B, d drivers.DriverPlugin, ready *readiness, tasks []*drivers.TaskConfig, timeout time.Duration) time.Duration {
 	t0 := time.Now()
 	must.NoError(b, atOnce(tasks, func(task *drivers.TaskConfig) error {
 		if _, _, err := d.StartTask(task); err != nil {
 			return err
 		}
-		return ready.wait(task.ID, time.Minute)
+		return ready.wait(task.ID, timeout)
 	}))
-	started := time.Since(t0)
-	t0 = time.Now()
+	return time.Since(t0)
+}
+
+// stopAtOnce stops and destroys the tasks at once and returns how long until all were gone.
+func stopAtOnce(b *testing.B, d drivers.DriverPlugin, tasks []*drivers.TaskConfig) time.Duration {
+	t0 := time.Now()
 	must.NoError(b, atOnce(tasks, func(task *drivers.TaskConfig) error {
 		if err := d.StopTask(task.ID, 30*time.Second, ""); err != nil {
 			return err
 		}
 		return d.DestroyTask(task.ID, true)
 	}))
-	return started, time.Since(t0)
+	return time.Since(t0)
 }
 
 // atOnce runs f for every task in a goroutine of its own and returns the first error.
@@ -249,18 +265,8 @@ func BenchmarkScale(b *testing.B) {
 		rss0 := vmRSS(b, p.pid)
 		one, _ := startStopAtOnce(b, p, ready, toplevel, fmt.Sprintf("alone%d", i), 1)
 
-		tasks := make([]*drivers.TaskConfig, scaleMachines)
-		for j := range tasks {
-			tasks[j] = benchTask(b, toplevel, fmt.Sprintf("scale%d-%d", i, j), storeViewClosure)
-		}
-		t0 := time.Now()
-		must.NoError(b, atOnce(tasks, func(task *drivers.TaskConfig) error {
-			if _, _, err := p.StartTask(task); err != nil {
-				return err
-			}
-			return ready.wait(task.ID, 5*time.Minute)
-		}))
-		all := time.Since(t0)
+		tasks := benchTasks(b, toplevel, fmt.Sprintf("scale%d", i), scaleMachines)
+		all := startAtOnce(b, p, ready, tasks, 5*time.Minute)
 		// Let the watchers settle into their steady state.
 		time.Sleep(3 * time.Second)
 		rss := vmRSS(b, p.pid)
@@ -283,14 +289,7 @@ func BenchmarkScale(b *testing.B) {
 		withStats := cpuShare(b, p.pid, statsWindow)
 		cancel()
 
-		t0 = time.Now()
-		must.NoError(b, atOnce(tasks, func(task *drivers.TaskConfig) error {
-			if err := p.StopTask(task.ID, 30*time.Second, ""); err != nil {
-				return err
-			}
-			return p.DestroyTask(task.ID, true)
-		}))
-		stopped := time.Since(t0)
+		stopped := stopAtOnce(b, p, tasks)
 		p.kill()
 		must.SliceEmpty(b, leftovers(b, p.dataDir, before))
 
