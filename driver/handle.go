@@ -176,12 +176,6 @@ func (h *taskHandle) readdress(st nspawn.UnitStatus) {
 	h.emit("machine rebooted in place: its link is addressed again", nil)
 }
 
-func (h *taskHandle) isReady() bool {
-	h.mu.RLock()
-	defer h.mu.RUnlock()
-	return h.ready
-}
-
 // observe notes readiness of a live machine and reports it as a task event. The first time the
 // unit's cgroup is known, it starts following OOM kills there.
 func (h *taskHandle) observe(ctx context.Context, st nspawn.UnitStatus) {
