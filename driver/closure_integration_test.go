@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -239,11 +240,13 @@ func TestClosureDeliveryToOwnStore(t *testing.T) {
 				tc.setup(t, cfg)
 			}
 			td.start(t, cfg)
-			// The machine sees its closure and nothing else, read-only.
+			// The machine sees its closure and nothing else, read-only. The guest lists its store
+			// sorted by name; nix-store -qR lists references first.
 			names := make([]string, len(closure))
 			for i, p := range closure {
 				names[i] = filepath.Base(p)
 			}
+			slices.Sort(names)
 			waitLog(t, cfg, "tinyinit: store-ro=yes", 30*time.Second)
 			must.StrContains(t, logs(t, cfg), "tinyinit: store "+itoa(len(closure))+" "+strings.Join(names, " "))
 			want := "closure fetched into the driver store: " + itoa(len(closure)) + " paths"
