@@ -157,7 +157,7 @@ func (fw *Forwarder) Run(ctx context.Context) error {
 		}
 		size := fi.Size()
 		if fw.Backlog > 0 && size-s.offset > fw.Backlog {
-			if err := s.drop(ctx, size); err != nil {
+			if err := s.drop(ctx, buf, size); err != nil {
 				return err
 			}
 			continue
@@ -281,9 +281,27 @@ func crlfToLF(dst, src []byte) []byte {
 }
 
 // drop skips everything not delivered yet but the newest line, which may still be growing,
-// records it, and says so in the log stream.
-func (s *state) drop(ctx context.Context, size int64) error {
+// records it, and says so in the log stream. A line already begun is finished first when its
+// rest is within the backlog, so the drop cuts no line; a longer rest is cut, and the marker
+// starts a line of its own.
+func (s *state) drop(ctx context.Context, buf []byte, size int64) error {
+	if !s.atLineStart {
+		if end, ok := s.lineEnd(size, s.fw.Backlog); ok {
+			for s.offset < end {
+				moved, err := s.forward(ctx, buf, end, false)
+				if err != nil {
+					return err
+				}
+				if !moved {
+					break
+				}
+			}
+		}
+	}
 	to := s.lineStart(size)
+	if to <= s.offset {
+		return nil
+	}
 	dropped := to - s.offset
 	at := time.Now
 	if s.fw.Now != nil {
@@ -314,6 +332,17 @@ func (s *state) drop(ctx context.Context, size int64) error {
 		return s.writeError(ctx, err)
 	}
 	return nil
+}
+
+// lineEnd is the offset after the newline that ends the line at the forwarded offset, if that
+// newline is within limit bytes.
+func (s *state) lineEnd(size, limit int64) (int64, bool) {
+	buf := make([]byte, min(size-s.offset, limit))
+	n, _ := s.log.ReadAt(buf, s.offset)
+	if i := bytes.IndexByte(buf[:n], '\n'); i >= 0 {
+		return s.offset + int64(i) + 1, true
+	}
+	return 0, false
 }
 
 // lineStart is where the last line that starts before size starts, if that is within the last

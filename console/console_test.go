@@ -162,6 +162,27 @@ func TestDrop_MidLine(t *testing.T) {
 	must.StrHasSuffix(t, "behind)\n", out)
 }
 
+// A line begun before the drop is finished first when its rest is within the backlog.
+func TestDrop_FinishesLineBegun(t *testing.T) {
+	dir, fifo, got := setup(t, "")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- (&Forwarder{Dir: dir, FIFO: fifo, Backlog: 50}).Run(ctx) }()
+	log, err := os.OpenFile(Files{dir}.Log(), os.O_APPEND|os.O_WRONLY, 0)
+	must.NoError(t, err)
+	_, _ = log.WriteString("start of a line")
+	time.Sleep(300 * time.Millisecond)
+	_, _ = log.WriteString(", its end\n" + strings.Repeat("x", 100) + "\nthe newest line")
+	log.Close()
+	time.Sleep(300 * time.Millisecond)
+	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, <-done)
+	out := got()
+	must.StrHasPrefix(t, "start of a line, its end\nnomad-driver-nixos: dropped 101 bytes", out)
+	must.StrHasSuffix(t, "behind)\nthe newest line", out)
+}
+
 // Delivered blocks are freed, but the last KeepTail bytes stay readable for Tail.
 func TestForward_PunchesDelivered(t *testing.T) {
 	var b bytes.Buffer
