@@ -154,39 +154,62 @@ func (m *Manager) SetAllowedCPUs(ctx context.Context, unit, cpus string) error {
 }
 
 // Status reads the unit's state. A unit systemd does not know has LoadState "not-found".
+//
+// It reads the dozen properties it needs one by one: GetAll returns a few hundred, which cost
+// systemd and the plugin far more to encode and decode (about 2.5 ms of the plugin's CPU for
+// the two interfaces). The unit's state is read before the service's exit status, so a state
+// that says the unit ended comes with the exit status it ended with; and LoadState last again,
+// since an ended unit may be unloaded meanwhile, and what is read after that is a new, empty
+// unit of the name.
 func (m *Manager) Status(ctx context.Context, unit string) (UnitStatus, error) {
 	c, err := m.sd()
 	if err != nil {
 		return UnitStatus{}, err
 	}
-	up, err := c.GetUnitPropertiesContext(ctx, unit)
+	read := func(iface string, names ...string) (map[string]any, error) {
+		out := make(map[string]any, len(names))
+		for _, name := range names {
+			p, err := c.GetUnitTypePropertyContext(ctx, unit, iface, name)
+			if err != nil {
+				return nil, fmt.Errorf("reading %s of unit %s: %w", name, unit, err)
+			}
+			out[name] = p.Value.Value()
+		}
+		return out, nil
+	}
+	up, err := read("Unit", "LoadState")
 	if err != nil {
-		return UnitStatus{}, fmt.Errorf("reading unit %s: %w", unit, err)
+		return UnitStatus{}, err
 	}
-	u := UnitStatus{
-		LoadState:   str(up["LoadState"]),
-		ActiveState: str(up["ActiveState"]),
-		SubState:    str(up["SubState"]),
-		Description: str(up["Description"]),
+	u := UnitStatus{LoadState: str(up["LoadState"])}
+	if !u.Loaded() {
+		return u, nil
 	}
+	if up, err = read("Unit", "ActiveState", "SubState", "Description", "InvocationID", "ActiveEnterTimestampMonotonic"); err != nil {
+		return UnitStatus{}, err
+	}
+	u.ActiveState, u.SubState, u.Description = str(up["ActiveState"]), str(up["SubState"]), str(up["Description"])
 	if id, ok := up["InvocationID"].([]byte); ok && len(id) > 0 {
 		u.InvocationID = fmt.Sprintf("%x", id)
 	}
 	if ts, ok := up["ActiveEnterTimestampMonotonic"].(uint64); ok {
 		u.EverActive = ts > 0
 	}
-	if !u.Loaded() {
-		return u, nil
-	}
-	sp, err := c.GetUnitTypePropertiesContext(ctx, unit, "Service")
+	sp, err := read("Service", "Result", "ControlGroup", "MainPID", "ExecMainCode", "ExecMainStatus")
 	if err != nil {
-		return UnitStatus{}, fmt.Errorf("reading service %s: %w", unit, err)
+		return UnitStatus{}, err
 	}
 	u.Result = str(sp["Result"])
 	u.ControlGroup = str(sp["ControlGroup"])
 	u.MainPID, _ = sp["MainPID"].(uint32)
 	u.ExecMainCode, _ = sp["ExecMainCode"].(int32)
 	u.ExecMainStatus, _ = sp["ExecMainStatus"].(int32)
+	if up, err = read("Unit", "LoadState"); err != nil {
+		return UnitStatus{}, err
+	}
+	if now := str(up["LoadState"]); now != u.LoadState {
+		return UnitStatus{LoadState: now}, nil
+	}
 	return u, nil
 }
 
