@@ -13,7 +13,7 @@ INTEGRATION_PKGS := closure driver
 # copied where the test host sees it.
 RCLONE := $(BUILD)/rclone
 
-.PHONY: all build helper rclone lint unit testhost-ready integration vm-ready vm vm-bench-bridge vm-bench-scale nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
+.PHONY: all build helper rclone lint unit testhost-ready integration vm-ready vm vm-bench-bridge nix-parse e2e e2e-cluster bench test demo demo-stop testhost-down clean
 
 all: build
 
@@ -94,14 +94,6 @@ vm-bench-bridge: vm-ready
 	@set -a; . $(FIXTURES_ENV); set +a; \
 	(cd driver && $(VM_ENV) $(CURDIR)/$(VMHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.run '^$$' -test.bench JobRunToAnswer -test.benchtime $(or $(BENCHTIME),3x)); rc=$$?; \
-	$(VMHOST) down; exit $$rc
-
-# BenchmarkScale (100 machines; the plugin's CPU for stats read from cgroup v2) and
-# BenchmarkConcurrency in the VM host, whose emulated CPU is 20 to 30 times slower: read the ratios.
-vm-bench-scale: vm-ready
-	@set -a; . $(FIXTURES_ENV); set +a; \
-	(cd driver && $(VM_ENV) $(CURDIR)/$(VMHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
-		-test.run '^$$' -test.bench 'Scale|Concurrency' -test.benchtime 1x); rc=$$?; \
 	$(VMHOST) down; exit $$rc
 
 # A real Nomad v1.11.3 agent (built from source, cached) runs the driver inside the test host; the
