@@ -143,27 +143,21 @@ func TestForward_DropsBacklog(t *testing.T) {
 
 // The marker starts a line of its own when the drop cuts one.
 func TestDrop_MidLine(t *testing.T) {
-	dir, fifo, got := setup(t, "")
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- (&Forwarder{Dir: dir, FIFO: fifo, Backlog: 50}).Run(ctx) }()
-	log, err := os.OpenFile(Files{dir}.Log(), os.O_APPEND|os.O_WRONLY, 0)
-	must.NoError(t, err)
-	_, _ = log.WriteString("start of a line")
-	time.Sleep(300 * time.Millisecond)
-	_, _ = log.WriteString(strings.Repeat("x", 100) + "\n")
-	log.Close()
-	time.Sleep(300 * time.Millisecond)
-	must.NoError(t, MarkEnd(dir))
-	must.NoError(t, <-done)
-	out := got()
+	out := forwardInTwoWrites(t, "start of a line", strings.Repeat("x", 100)+"\n")
 	must.StrHasPrefix(t, "start of a line\nnomad-driver-nixos: dropped 101 bytes", out)
 	must.StrHasSuffix(t, "behind)\n", out)
 }
 
 // A line begun before the drop is finished first when its rest is within the backlog.
 func TestDrop_FinishesLineBegun(t *testing.T) {
+	out := forwardInTwoWrites(t, "start of a line", ", its end\n"+strings.Repeat("x", 100)+"\nthe newest line")
+	must.StrHasPrefix(t, "start of a line, its end\nnomad-driver-nixos: dropped 101 bytes", out)
+	must.StrHasSuffix(t, "behind)\nthe newest line", out)
+}
+
+// forwardInTwoWrites runs a forwarder with a backlog of 50 bytes while the console gets first,
+// which it delivers, then rest, and returns what reached the FIFO.
+func forwardInTwoWrites(t *testing.T, first, rest string) string {
 	dir, fifo, got := setup(t, "")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -171,16 +165,14 @@ func TestDrop_FinishesLineBegun(t *testing.T) {
 	go func() { done <- (&Forwarder{Dir: dir, FIFO: fifo, Backlog: 50}).Run(ctx) }()
 	log, err := os.OpenFile(Files{dir}.Log(), os.O_APPEND|os.O_WRONLY, 0)
 	must.NoError(t, err)
-	_, _ = log.WriteString("start of a line")
+	_, _ = log.WriteString(first)
 	time.Sleep(300 * time.Millisecond)
-	_, _ = log.WriteString(", its end\n" + strings.Repeat("x", 100) + "\nthe newest line")
+	_, _ = log.WriteString(rest)
 	log.Close()
 	time.Sleep(300 * time.Millisecond)
 	must.NoError(t, MarkEnd(dir))
 	must.NoError(t, <-done)
-	out := got()
-	must.StrHasPrefix(t, "start of a line, its end\nnomad-driver-nixos: dropped 101 bytes", out)
-	must.StrHasSuffix(t, "behind)\nthe newest line", out)
+	return got()
 }
 
 // Delivered blocks are freed, but the last KeepTail bytes stay readable for Tail.
