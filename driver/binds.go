@@ -19,7 +19,7 @@ func parseAllowBindPaths(list []string) ([]string, error) {
 	out := make([]string, 0, len(list))
 	for i, p := range list {
 		field := fmt.Sprintf("allow_bind_paths[%d] = %q", i, p)
-		if !filepath.IsAbs(p) || filepath.Clean(p) != p || strings.ContainsAny(p, ":\\\n\x00") {
+		if !nspawn.Bindable(p) || filepath.Clean(p) != p {
 			return nil, fmt.Errorf("%s: must be a clean absolute path without ':' or '\\', such as \"/srv/shared\"", field)
 		}
 		if p == "/" {
@@ -111,7 +111,7 @@ func resolveInside(host string, allowed []string) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		if real != dir && !strings.HasPrefix(real, dir+"/") || strings.ContainsAny(real, ":\\\n\x00") {
+		if real != dir && !strings.HasPrefix(real, dir+"/") || !nspawn.Bindable(real) {
 			return "", fmt.Errorf("resolves to %q, outside %s or with characters nspawn's --bind cannot carry", real, dir)
 		}
 		return real, nil

@@ -19,7 +19,7 @@ import (
 // devicePath says whether p can name a host device: a clean absolute path under /dev that
 // nspawn's --bind can carry.
 func devicePath(p string) bool {
-	return strings.HasPrefix(p, "/dev/") && filepath.Clean(p) == p && !strings.ContainsAny(p, ":\\\n\x00")
+	return strings.HasPrefix(p, "/dev/") && filepath.Clean(p) == p && nspawn.Bindable(p)
 }
 
 // parseAllowDevices checks the plugin config's allow_devices.

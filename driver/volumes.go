@@ -25,7 +25,7 @@ func checkDest(dest string) error {
 	if !filepath.IsAbs(dest) {
 		return errors.New("must be an absolute path in the machine, such as \"/var/lib/postgresql\"")
 	}
-	if filepath.Clean(dest) != dest || strings.ContainsAny(dest, ":\\\n\x00") {
+	if filepath.Clean(dest) != dest || !nspawn.Bindable(dest) {
 		return errors.New("must be a clean path (no '..', '.', '//' or trailing '/') without ':', '\\' or control characters")
 	}
 	if dest == "/" {
@@ -63,7 +63,7 @@ func volumeBinds(mounts []*drivers.MountConfig) ([]nspawn.Bind, error) {
 		if m.SELinuxLabel != "" {
 			return nil, fmt.Errorf("%s: selinux_label = %q: not supported by the nixos-nspawn driver", field, m.SELinuxLabel)
 		}
-		if !filepath.IsAbs(m.HostPath) || strings.ContainsAny(m.HostPath, ":\\\n\x00") {
+		if !nspawn.Bindable(m.HostPath) {
 			return nil, fmt.Errorf("%s: the host path must be absolute without ':', '\\' or control characters (systemd-nspawn's --bind syntax)", field)
 		}
 	}

@@ -250,6 +250,12 @@ const (
 	unsafeInShell = "'$\n\x00"
 )
 
+// Bindable says whether p can be a path of a --bind argument: absolute, without nspawn's
+// separator ':', its escape '\' or control characters.
+func Bindable(p string) bool {
+	return filepath.IsAbs(p) && !strings.ContainsAny(p, unsafeInBind)
+}
+
 // CheckDataDir says whether dir can hold the directories of machines: their roots, store views
 // and exit files, whose paths go into --bind arguments and the unit's shell command.
 func CheckDataDir(dir string) error {
@@ -267,10 +273,10 @@ func (s *Spec) Validate() error {
 	if !filepath.IsAbs(s.ConsoleFile) {
 		return fmt.Errorf("console file path %q must be absolute", s.ConsoleFile)
 	}
-	if !filepath.IsAbs(s.Store.Dir) || strings.ContainsAny(s.Store.Dir, unsafeInBind) {
+	if !Bindable(s.Store.Dir) {
 		return fmt.Errorf("store directory %q must be absolute and contain no ':', '\\' or control characters", s.Store.Dir)
 	}
-	if s.Store.Paths != nil && (!filepath.IsAbs(s.Store.View) || strings.ContainsAny(s.Store.View, unsafeInBind)) {
+	if s.Store.Paths != nil && !Bindable(s.Store.View) {
 		return fmt.Errorf("store view directory %q must be absolute and contain no ':', '\\' or control characters", s.Store.View)
 	}
 	for _, p := range s.Store.Paths {
@@ -280,14 +286,14 @@ func (s *Spec) Validate() error {
 	}
 	for _, b := range s.Binds {
 		for _, p := range []string{b.Source, b.Dest} {
-			if !filepath.IsAbs(p) || strings.ContainsAny(p, unsafeInBind) {
+			if !Bindable(p) {
 				return fmt.Errorf("bind path %q must be absolute and contain no ':', '\\' or control characters", p)
 			}
 		}
 	}
 	for _, d := range s.Devices {
 		for _, p := range []string{d.Source, d.Dest} {
-			if !filepath.IsAbs(p) || strings.ContainsAny(p, unsafeInBind) {
+			if !Bindable(p) {
 				return fmt.Errorf("device path %q must be absolute and contain no ':', '\\' or control characters", p)
 			}
 		}
@@ -296,7 +302,7 @@ func (s *Spec) Validate() error {
 		}
 	}
 	for _, c := range s.Credentials {
-		if !ValidCredentialName(c.Name) || !filepath.IsAbs(c.Path) || strings.ContainsAny(c.Path, unsafeInBind) {
+		if !ValidCredentialName(c.Name) || !Bindable(c.Path) {
 			return fmt.Errorf("credential %q from %q: the name must be a valid credential name, the path absolute without ':', '\\' or control characters", c.Name, c.Path)
 		}
 	}
