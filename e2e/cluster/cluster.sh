@@ -345,10 +345,13 @@ cmd_up() {
 	# Server first: a client whose first registration meets a server without a
 	# leader retries only after 15-30 s.
 	start_agent server
-	until [[ $(nomad_cli operator api /v1/status/leader 2>/dev/null) == *:4647* ]]; do
+	local answer
+	until answer=$(nomad_cli operator api /v1/status/leader 2>&1) && [[ $answer == *:4647* ]]; do
 		if ((SECONDS - start >= UP_TIMEOUT)); then
 			guest server journalctl -u "$UNIT" --no-pager -n 60 >&2 || true
-			die "the server has no leader after ${UP_TIMEOUT}s"
+			in_net ip -br addr >&2 || true
+			guest server ss -ltn >&2 || true
+			die "the server has no leader after ${UP_TIMEOUT}s; the last answer to the nomad CLI in netns $NETNS: $answer"
 		fi
 		sleep 0.2
 	done
