@@ -192,9 +192,7 @@ func (s *Sampler) readV2(dir string) (Usage, error) {
 	if err != nil {
 		return u, err
 	}
-	u.CPUTotal = time.Duration(cpu["usage_usec"]) * time.Microsecond
-	u.CPUUser = time.Duration(cpu["user_usec"]) * time.Microsecond
-	u.CPUSystem = time.Duration(cpu["system_usec"]) * time.Microsecond
+	cpuTimes(&u, cpu)
 	u.ThrottledPeriods = cpu["nr_throttled"]
 	u.ThrottledTime = time.Duration(cpu["throttled_usec"]) * time.Microsecond
 	return u, nil
@@ -223,25 +221,7 @@ func (s *Sampler) readV1(base, path string) (Usage, error) {
 		u.MemorySwap, u.HasSwap = v, true
 	}
 
-	acct := filepath.Join(base, "cpuacct", path)
-	total, err := s.readUint(filepath.Join(acct, "cpuacct.usage"))
-	switch {
-	case err == nil:
-		u.CPUTotal = time.Duration(total)
-		st, err := s.readKeyValues(filepath.Join(acct, "cpuacct.stat"))
-		if err != nil {
-			return u, err
-		}
-		u.CPUUser = time.Duration(st["user"]) * time.Second / userHZ
-		u.CPUSystem = time.Duration(st["system"]) * time.Second / userHZ
-	case IsGone(err):
-		// systemd makes no per-unit cpuacct cgroup when cpu and cpuacct are mounted apart; the
-		// unit's live processes are the best measure left.
-		if u.CPUUser, u.CPUSystem, err = s.processCPU(memDir); err != nil {
-			return u, err
-		}
-		u.CPUTotal = u.CPUUser + u.CPUSystem
-	default:
+	if err := s.cpuV1(base, path, memDir, &u); err != nil {
 		return u, err
 	}
 	if cs, err := s.readKeyValues(filepath.Join(base, "cpu", path, "cpu.stat")); err == nil {
@@ -249,6 +229,51 @@ func (s *Sampler) readV1(base, path string) (Usage, error) {
 		u.ThrottledTime = time.Duration(cs["throttled_time"])
 	}
 	return u, nil
+}
+
+// cpuV1 reads the unit's CPU time where cgroup v1 holds the controllers.
+func (s *Sampler) cpuV1(base, path, memDir string, u *Usage) error {
+	acct := filepath.Join(base, "cpuacct", path)
+	total, err := s.readUint(filepath.Join(acct, "cpuacct.usage"))
+	if err == nil {
+		st, err := s.readKeyValues(filepath.Join(acct, "cpuacct.stat"))
+		if err != nil {
+			return err
+		}
+		u.CPUTotal = time.Duration(total)
+		u.CPUUser = time.Duration(st["user"]) * time.Second / userHZ
+		u.CPUSystem = time.Duration(st["system"]) * time.Second / userHZ
+		return nil
+	}
+	if !IsGone(err) {
+		return err
+	}
+	// systemd makes no per-unit cpuacct cgroup when cpu and cpuacct are mounted apart.
+	if s.c.Mode == CgroupHybrid {
+		// The unified hierarchy, where systemd tracks units, has their CPU time all the same:
+		// its cpu.stat needs no controller from Linux 4.20 on.
+		cpu, err := s.readKeyValues(filepath.Join(base, "unified", path, "cpu.stat"))
+		if err == nil {
+			cpuTimes(u, cpu)
+			return nil
+		}
+		if !IsGone(err) {
+			return err
+		}
+	}
+	// The unit's live processes are the best measure left.
+	if u.CPUUser, u.CPUSystem, err = s.processCPU(memDir); err != nil {
+		return err
+	}
+	u.CPUTotal = u.CPUUser + u.CPUSystem
+	return nil
+}
+
+// cpuTimes takes the CPU times from a cgroup v2 cpu.stat.
+func cpuTimes(u *Usage, cpu map[string]uint64) {
+	u.CPUTotal = time.Duration(cpu["usage_usec"]) * time.Microsecond
+	u.CPUUser = time.Duration(cpu["user_usec"]) * time.Microsecond
+	u.CPUSystem = time.Duration(cpu["system_usec"]) * time.Microsecond
 }
 
 // processCPU sums the user and system time of the processes in a cgroup tree.

@@ -186,8 +186,9 @@ func TestDetectCgroups_NotCgroupFS(t *testing.T) {
 	must.Error(t, err)
 }
 
-// Without a per-unit cpuacct cgroup (cpu and cpuacct mounted apart), the CPU time is that of the
-// unit's live processes, from the cgroup.procs files of its memory cgroup tree.
+// Without a per-unit cpuacct cgroup (cpu and cpuacct mounted apart) and a unified hierarchy, the
+// CPU time is that of the unit's live processes, from the cgroup.procs files of its memory cgroup
+// tree.
 func TestCgroupsV1_ProcessCPUFallback(t *testing.T) {
 	if _, err := os.Stat("/proc/self/stat"); err != nil {
 		t.Skip("no /proc")
@@ -229,6 +230,35 @@ func TestCgroupsV1_ProcessCPUFallback(t *testing.T) {
 	must.Positive(t, u.CPUTotal)
 	must.EqOp(t, uint64(1048576), u.MemoryUsage)
 	must.EqOp(t, uint64(4096), u.MemoryRSS)
+}
+
+// On a hybrid host without a per-unit cpuacct cgroup, the CPU time is the unit's in the unified
+// hierarchy, exited processes included; only a host without it sums live processes.
+func TestCgroupsHybrid_UnifiedCPU(t *testing.T) {
+	base := t.TempDir()
+	mem := filepath.Join(base, "memory", "machine.slice", "x.service")
+	unified := filepath.Join(base, "unified", "machine.slice", "x.service")
+	must.NoError(t, os.MkdirAll(mem, 0o755))
+	must.NoError(t, os.MkdirAll(unified, 0o755))
+	for name, content := range map[string]string{
+		filepath.Join(mem, "memory.usage_in_bytes"): "1048576\n",
+		filepath.Join(mem, "memory.stat"):           "total_rss 4096\ntotal_cache 8192\n",
+		// No process: had the processes been summed, the CPU time would be 0.
+		filepath.Join(mem, "cgroup.procs"): "",
+		filepath.Join(unified, "cpu.stat"): "usage_usec 1500001\nuser_usec 1000001\nsystem_usec 500000\nnice_usec 0\n",
+	} {
+		must.NoError(t, os.WriteFile(name, []byte(content), 0o644))
+	}
+	u, err := Cgroups{Base: base, Mode: CgroupHybrid}.readOnce("/machine.slice/x.service")
+	must.NoError(t, err)
+	must.EqOp(t, 1500001*time.Microsecond, u.CPUTotal)
+	must.EqOp(t, 1000001*time.Microsecond, u.CPUUser)
+	must.EqOp(t, 500000*time.Microsecond, u.CPUSystem)
+	must.EqOp(t, uint64(4096), u.MemoryRSS)
+
+	u, err = Cgroups{Base: base, Mode: CgroupLegacy}.readOnce("/machine.slice/x.service")
+	must.NoError(t, err)
+	must.EqOp(t, time.Duration(0), u.CPUTotal)
 }
 
 // readOnce takes one sample with a sampler of its own.
