@@ -92,9 +92,9 @@ func (im *Importer) remember(toplevel string, requisites []string) {
 
 // reuse roots a toplevel imported before without asking the store what is missing or what its
 // closure is. A valid path's closure is valid, and a toplevel on disk is valid but in the moment
-// a garbage collector deletes it: the host's Nix realises the path as it adds the root (a no-op
-// for a valid path), and the driver's own collector waits for imports. Any error sends the
-// caller down the full import.
+// a garbage collector deletes it: the host store checks it again under Nix's garbage collector
+// lock as it adds the root, and the driver's own collector waits for imports. Any error sends
+// the caller down the full import.
 func (im *Importer) reuse(ctx context.Context, req Request, requisites []string) (*Result, error) {
 	if err := CheckToplevel(im.store.Dir(), req.Toplevel); err != nil {
 		return nil, err

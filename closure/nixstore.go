@@ -7,6 +7,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +18,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/wire"
@@ -26,29 +29,58 @@ import (
 // every imported path as valid.
 //
 // Roots: a named root is a link rootDir/<name> to its toplevel, the driver's own record; what
-// Nix sees is one indirect root per closure, rootDir/.closures/<toplevel's name>, which
-// nix-store adds for the first named root of the closure and the last one's removal drops.
-// Rooting a closure that is already rooted runs no nix-store: concurrent starts of one closure
-// had each waited for its own nix-store call.
+// Nix sees is one root per closure, a link in its gcroots directory (which Nix documents: a link
+// there to a store path is a root), added for the first named root of the closure and removed
+// with the last. The driver writes that link itself, under Nix's garbage collector lock, as
+// nix-store would: running nix-store took about 50 ms of each start.
 type NixStore struct {
 	nixStore string
 	rootDir  string
 	tmp      string
+	// closureRoots is the directory in Nix's gcroots that holds the closures' roots, each named
+	// rootPrefix plus its toplevel's name; gcLock is Nix's garbage collector lock.
+	closureRoots string
+	rootPrefix   string
+	gcLock       string
 	// rootsMu keeps a closure's root from being dropped while another name is rooted on it.
 	rootsMu sync.Mutex
 }
 
-// closureRootsDir holds the closures' roots; names of roots cannot start with a dot.
-const closureRootsDir = ".closures"
+// nixStateDir is where Nix keeps its GC roots and its garbage collector lock.
+const nixStateDir = "/nix/var/nix"
+
+// legacyClosureRoots held the closures' roots of plugins before 2026-12, which nix-store
+// registered as indirect roots.
+const legacyClosureRoots = ".closures"
 
 // NewNixStore uses the nix-store program at nixStore; roots go to rootDir and staging to tmp.
 func NewNixStore(nixStore, rootDir, tmp string) (*NixStore, error) {
-	s := &NixStore{nixStore: nixStore, rootDir: rootDir, tmp: tmp}
-	if err := os.MkdirAll(filepath.Join(rootDir, closureRootsDir), 0o755); err != nil {
+	return newNixStore(nixStore, rootDir, tmp, nixStateDir)
+}
+
+func newNixStore(nixStore, rootDir, tmp, stateDir string) (*NixStore, error) {
+	abs, err := filepath.Abs(rootDir)
+	if err != nil {
 		return nil, err
+	}
+	// The data directory's own prefix: plugins with data directories of their own share a host.
+	sum := sha256.Sum256([]byte(abs))
+	s := &NixStore{
+		nixStore: nixStore, rootDir: abs, tmp: tmp,
+		closureRoots: filepath.Join(stateDir, "gcroots", "nomad-driver-nixos"),
+		rootPrefix:   hex.EncodeToString(sum[:6]) + "-",
+		gcLock:       filepath.Join(stateDir, "gc.lock"),
+	}
+	for _, d := range []string{abs, s.closureRoots} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, err
+		}
 	}
 	if err := clearTemp(s); err != nil {
 		return nil, err
+	}
+	if err := s.takeOverLegacyClosureRoots(); err != nil {
+		return nil, fmt.Errorf("taking over the closure roots in %s: %w", filepath.Join(abs, legacyClosureRoots), err)
 	}
 	// A plugin that died between adding a closure's root and naming it leaves the closure's
 	// root alone.
@@ -145,13 +177,8 @@ func (s *NixStore) AddRoot(ctx context.Context, name, p string) error {
 	}
 	s.rootsMu.Lock()
 	defer s.rootsMu.Unlock()
-	closureRoot := s.closureRoot(p)
-	if target, err := os.Readlink(closureRoot); err != nil || target != p {
-		// --indirect registers the link in /nix/var/nix/gcroots/auto; Nix drops it once the
-		// link is gone.
-		if _, err := s.run(ctx, nil, "--realise", p, "--add-root", closureRoot, "--indirect"); err != nil {
-			return err
-		}
+	if err := s.rootClosure(ctx, p); err != nil {
+		return err
 	}
 	link := filepath.Join(s.rootDir, name)
 	if err := os.Remove(link); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -185,8 +212,62 @@ func (s *NixStore) RemoveRoot(_ context.Context, name string) error {
 }
 
 func (s *NixStore) closureRoot(p string) string {
-	return filepath.Join(s.rootDir, closureRootsDir, filepath.Base(p))
+	return filepath.Join(s.closureRoots, s.rootPrefix+filepath.Base(p))
 }
+
+// rootClosure links the closure's root to p unless it is linked. It needs rootsMu held.
+//
+// It holds Nix's garbage collector lock shared meanwhile, as nix-store does for a root: a
+// collection takes it exclusively from finding the roots to the last deletion, so none runs
+// while p is checked and linked, and the next one finds the link.
+func (s *NixStore) rootClosure(ctx context.Context, p string) error {
+	root := s.closureRoot(p)
+	if target, err := os.Readlink(root); err == nil && target == p {
+		return nil
+	}
+	unlock, err := lockShared(ctx, s.gcLock)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	// A collection since p was found valid deletes a path whole: a toplevel on disk has its
+	// closure.
+	if _, err := os.Lstat(p); err != nil {
+		return fmt.Errorf("%s left the store (collected as garbage?): %w", p, err)
+	}
+	if err := os.Remove(root); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return os.Symlink(p, root)
+}
+
+// lockShared takes a shared flock of the file at path, as Nix locks its files, waiting while
+// an exclusive one is held.
+func lockShared(ctx context.Context, path string) (func(), error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("locking %s: %w", path, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("waiting for Nix's garbage collection to end (%s is locked): %w", path, ctx.Err())
+		case <-time.After(gcLockPoll):
+		}
+	}
+}
+
+// gcLockPoll is how often a root waits to see whether Nix's garbage collection ended.
+const gcLockPoll = 100 * time.Millisecond
 
 // named is the set of toplevels that named roots link to. It needs rootsMu held, or the store
 // to itself (NewNixStore).
@@ -197,9 +278,6 @@ func (s *NixStore) named() (map[string]bool, error) {
 	}
 	out := map[string]bool{}
 	for _, e := range entries {
-		if e.Name() == closureRootsDir {
-			continue
-		}
 		if target, err := os.Readlink(filepath.Join(s.rootDir, e.Name())); err == nil {
 			out[target] = true
 		}
@@ -225,21 +303,53 @@ func (s *NixStore) dropUnnamedClosureRoots() error {
 	if err != nil {
 		return err
 	}
-	dir := filepath.Join(s.rootDir, closureRootsDir)
-	entries, err := os.ReadDir(dir)
+	entries, err := os.ReadDir(s.closureRoots)
 	if err != nil {
 		return err
 	}
 	for _, e := range entries {
-		target, err := os.Readlink(filepath.Join(dir, e.Name()))
-		if err == nil && named[target] {
+		if !strings.HasPrefix(e.Name(), s.rootPrefix) {
 			continue
 		}
-		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+		root := filepath.Join(s.closureRoots, e.Name())
+		if target, err := os.Readlink(root); err == nil && named[target] {
+			continue
+		}
+		if err := os.Remove(root); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
 	}
 	return nil
+}
+
+// takeOverLegacyClosureRoots roots the closures an older plugin rooted, in Nix's gcroots, and
+// removes the old roots; Nix drops its indirect links to them at its next collection.
+func (s *NixStore) takeOverLegacyClosureRoots() error {
+	dir := filepath.Join(s.rootDir, legacyClosureRoots)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	named, err := s.named()
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		old := filepath.Join(dir, e.Name())
+		// The old root holds the closure meanwhile.
+		if target, err := os.Readlink(old); err == nil && named[target] {
+			if err := s.rootClosure(context.Background(), target); err != nil {
+				return err
+			}
+		}
+		if err := os.Remove(old); err != nil {
+			return err
+		}
+	}
+	return os.Remove(dir)
 }
 
 // stage spools the verified NAR to a file; commit feeds it to nix-store --import.

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -484,8 +485,9 @@ func TestClosureDeliveryToHostStore(t *testing.T) {
 	target, err := os.Readlink(root)
 	must.NoError(t, err)
 	must.EqOp(t, cached, target)
-	// Nix sees the closure's root, which the machine's names.
-	must.StrContains(t, run(t, "nix-store", "-q", "--roots", cached), filepath.Join(td.dataDir, "gcroots", ".closures", filepath.Base(cached)))
+	// Nix sees the closure's root in its gcroots, which the machine's link names.
+	must.RegexMatch(t, regexp.MustCompile(`(?m)^/nix/var/nix/gcroots/nomad-driver-nixos/[0-9a-f]{12}-`+regexp.QuoteMeta(filepath.Base(cached))+` -> `),
+		run(t, "nix-store", "-q", "--roots", cached))
 
 	// A store path already in the host store, seen through the host view: the whole store.
 	whole := td.newTask(t, "whole", tiny, []string{"store"}, withConfig(func(tc *TaskConfig) { tc.StoreView = "host" }))

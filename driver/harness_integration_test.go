@@ -257,6 +257,9 @@ func leftovers(t testing.TB, dataDir string, before []string) []string {
 
 // inventory lists what machines of this driver leave on the host: units, machines, veths,
 // mounts and directories under the data dir.
+// nixClosureRoots is where the driver roots closures in the host's Nix store.
+const nixClosureRoots = "/nix/var/nix/gcroots/nomad-driver-nixos"
+
 func inventory(t testing.TB, dataDir string) []string {
 	t.Helper()
 	var out []string
@@ -296,11 +299,15 @@ func inventory(t testing.TB, dataDir string) []string {
 		out = append(out, "port forwards of "+m)
 	}
 	// GC roots (the host's Nix store's and the driver's own) and import staging.
-	for _, d := range []string{"gcroots", "gcroots/.closures", "tmp", "store/.roots", "store/.tmp"} {
+	for _, d := range []string{"gcroots", "tmp", "store/.roots", "store/.tmp"} {
 		entries, _ := os.ReadDir(filepath.Join(dataDir, d))
 		for _, e := range entries {
 			out = append(out, d+" "+e.Name())
 		}
+	}
+	closureRoots, _ := os.ReadDir(nixClosureRoots)
+	for _, e := range closureRoots {
+		out = append(out, "closure root "+e.Name())
 	}
 	return out
 }

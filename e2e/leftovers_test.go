@@ -55,7 +55,7 @@ func purgeLeavesNothing(timeout time.Duration) error {
 		"machines": "machinectl list --no-legend | grep -oE '^nomad-[^ ]*' || true",
 		"units":    "systemctl list-units --all --no-legend --plain 'nomad-*' | grep -v '^nomad-e2e-agent' || true",
 		"links":    "ip -o link | grep -oE 've-nomad[^:@]*|vn-[^:@]*' || true",
-		"roots":    "ls /var/lib/nomad-driver-nixos/machines /var/lib/nomad-driver-nixos/gcroots /var/lib/nomad-driver-nixos/gcroots/.closures /var/lib/nomad-driver-nixos/tmp 2>/dev/null | grep -v '^/\\|^$' || true",
+		"roots":    "ls /var/lib/nomad-driver-nixos/machines /var/lib/nomad-driver-nixos/gcroots /nix/var/nix/gcroots/nomad-driver-nixos /var/lib/nomad-driver-nixos/tmp 2>/dev/null | grep -v '^/\\|^$' || true",
 	}
 	deadline := time.Now().Add(timeout)
 	for {
