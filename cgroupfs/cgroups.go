@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -79,25 +80,35 @@ type Sampler struct {
 	files map[string]*os.File
 	used  map[string]bool
 	buf   []byte
+	// missing are the optional files found missing, not looked for again before the next
+	// refresh; refreshed counts the samples since.
+	missing   map[string]bool
+	refreshed int
 	// procsFiles are the cgroup.procs files of the unit's tree, for the CPU time of its
-	// processes, listed again every walkEvery samples.
+	// processes, listed again at each refresh.
 	procsFiles []string
-	sinceWalk  int
 }
 
-// walkEvery is how many samples reuse the list of a unit's cgroups: listing them cost more than
-// everything else a sample reads. A process in a cgroup made since counts from the next listing
-// on, with all its CPU time.
-const walkEvery = 10
+// refreshEvery is how many samples reuse what was learnt of the unit's cgroups: the files that
+// are not there and the list of its cgroups (listing them cost more than everything else a
+// sample reads). A process in a cgroup made since counts from the next listing on, with all its
+// CPU time.
+const refreshEvery = 10
 
 // Sampler samples the cgroup at path (a unit's ControlGroup, e.g. /machine.slice/x.service).
 func (c Cgroups) Sampler(path string) *Sampler {
-	return &Sampler{c: c, path: path, files: map[string]*os.File{}, buf: make([]byte, 4096)}
+	return &Sampler{c: c, path: path, files: map[string]*os.File{}, used: map[string]bool{}, missing: map[string]bool{}, buf: make([]byte, 4096)}
 }
 
 // Read takes one sample.
 func (s *Sampler) Read() (Usage, error) {
-	s.used = map[string]bool{}
+	if s.refreshed >= refreshEvery {
+		clear(s.missing)
+		s.procsFiles = nil
+		s.refreshed = 0
+	}
+	s.refreshed++
+	clear(s.used)
 	var u Usage
 	var err error
 	if s.c.Mode == CgroupUnified {
@@ -145,6 +156,19 @@ func (s *Sampler) read(path string) ([]byte, error) {
 	return b, nil
 }
 
+// readOptional is read for a file the kernel or the host's setup may not provide; one found
+// missing is looked for again at the next refresh.
+func (s *Sampler) readOptional(path string) ([]byte, error) {
+	if s.missing[path] {
+		return nil, fs.ErrNotExist
+	}
+	b, err := s.read(path)
+	if IsGone(err) {
+		s.missing[path] = true
+	}
+	return b, err
+}
+
 // readAll reads f from its start. A read that does not fill the buffer got the whole file: the
 // kernel's generated files (seq_file) fill a read up to its size.
 func (s *Sampler) readAll(f *os.File) ([]byte, error) {
@@ -172,30 +196,58 @@ func (c Cgroups) OOMKills(path string) (uint64, error) {
 
 func (s *Sampler) readV2(dir string) (Usage, error) {
 	var u Usage
-	var err error
-	if u.MemoryUsage, err = s.readUint(filepath.Join(dir, "memory.current")); err != nil {
-		return u, err
-	}
-	mem, err := s.readKeyValues(filepath.Join(dir, "memory.stat"))
+	b, err := s.read(filepath.Join(dir, "memory.current"))
 	if err != nil {
 		return u, err
 	}
-	u.MemoryRSS, u.MemoryCache = mem["anon"], mem["file"]
-	if v, err := s.readUint(filepath.Join(dir, "memory.swap.current")); err == nil {
-		u.MemorySwap, u.HasSwap = v, true
+	if u.MemoryUsage, err = parseUint(b); err != nil {
+		return u, err
+	}
+	b, err = s.read(filepath.Join(dir, "memory.stat"))
+	if err != nil {
+		return u, err
+	}
+	eachKeyValue(b, func(k []byte, v uint64) {
+		switch string(k) {
+		case "anon":
+			u.MemoryRSS = v
+		case "file":
+			u.MemoryCache = v
+		}
+	})
+	if b, err := s.readOptional(filepath.Join(dir, "memory.swap.current")); err == nil {
+		u.MemorySwap, err = parseUint(b)
+		u.HasSwap = err == nil
 	}
 	// memory.peak exists from Linux 5.19 on.
-	if v, err := s.readUint(filepath.Join(dir, "memory.peak")); err == nil {
-		u.MemoryMaxUsage, u.HasMaxUsage = v, true
+	if b, err := s.readOptional(filepath.Join(dir, "memory.peak")); err == nil {
+		u.MemoryMaxUsage, err = parseUint(b)
+		u.HasMaxUsage = err == nil
 	}
-	cpu, err := s.readKeyValues(filepath.Join(dir, "cpu.stat"))
+	b, err = s.read(filepath.Join(dir, "cpu.stat"))
 	if err != nil {
 		return u, err
 	}
-	cpuTimes(&u, cpu)
-	u.ThrottledPeriods = cpu["nr_throttled"]
-	u.ThrottledTime = time.Duration(cpu["throttled_usec"]) * time.Microsecond
+	cpuStat(&u, b)
 	return u, nil
+}
+
+// cpuStat takes the CPU times and throttling from a cgroup v2 cpu.stat.
+func cpuStat(u *Usage, b []byte) {
+	eachKeyValue(b, func(k []byte, v uint64) {
+		switch string(k) {
+		case "usage_usec":
+			u.CPUTotal = time.Duration(v) * time.Microsecond
+		case "user_usec":
+			u.CPUUser = time.Duration(v) * time.Microsecond
+		case "system_usec":
+			u.CPUSystem = time.Duration(v) * time.Microsecond
+		case "nr_throttled":
+			u.ThrottledPeriods = v
+		case "throttled_usec":
+			u.ThrottledTime = time.Duration(v) * time.Microsecond
+		}
+	})
 }
 
 // userHZ is the unit of cpuacct.stat; Linux fixes it at 100 for user space.
@@ -203,30 +255,45 @@ const userHZ = 100
 
 func (s *Sampler) readV1(base, path string) (Usage, error) {
 	var u Usage
-	var err error
 	memDir := filepath.Join(base, "memory", path)
-	if u.MemoryUsage, err = s.readUint(filepath.Join(memDir, "memory.usage_in_bytes")); err != nil {
+	b, err := s.read(filepath.Join(memDir, "memory.usage_in_bytes"))
+	if err != nil {
 		return u, err
 	}
-	if u.MemoryMaxUsage, err = s.readUint(filepath.Join(memDir, "memory.max_usage_in_bytes")); err == nil {
-		u.HasMaxUsage = true
+	if u.MemoryUsage, err = parseUint(b); err != nil {
+		return u, err
 	}
-	mem, err := s.readKeyValues(filepath.Join(memDir, "memory.stat"))
+	if b, err := s.readOptional(filepath.Join(memDir, "memory.max_usage_in_bytes")); err == nil {
+		u.MemoryMaxUsage, err = parseUint(b)
+		u.HasMaxUsage = err == nil
+	}
+	b, err = s.read(filepath.Join(memDir, "memory.stat"))
 	if err != nil {
 		return u, err
 	}
 	// total_* include the nested cgroups nspawn and the guest create.
-	u.MemoryRSS, u.MemoryCache = mem["total_rss"], mem["total_cache"]
-	if v, ok := mem["total_swap"]; ok {
-		u.MemorySwap, u.HasSwap = v, true
-	}
-
+	eachKeyValue(b, func(k []byte, v uint64) {
+		switch string(k) {
+		case "total_rss":
+			u.MemoryRSS = v
+		case "total_cache":
+			u.MemoryCache = v
+		case "total_swap":
+			u.MemorySwap, u.HasSwap = v, true
+		}
+	})
 	if err := s.cpuV1(base, path, memDir, &u); err != nil {
 		return u, err
 	}
-	if cs, err := s.readKeyValues(filepath.Join(base, "cpu", path, "cpu.stat")); err == nil {
-		u.ThrottledPeriods = cs["nr_throttled"]
-		u.ThrottledTime = time.Duration(cs["throttled_time"])
+	if b, err := s.readOptional(filepath.Join(base, "cpu", path, "cpu.stat")); err == nil {
+		eachKeyValue(b, func(k []byte, v uint64) {
+			switch string(k) {
+			case "nr_throttled":
+				u.ThrottledPeriods = v
+			case "throttled_time":
+				u.ThrottledTime = time.Duration(v)
+			}
+		})
 	}
 	return u, nil
 }
@@ -234,15 +301,25 @@ func (s *Sampler) readV1(base, path string) (Usage, error) {
 // cpuV1 reads the unit's CPU time where cgroup v1 holds the controllers.
 func (s *Sampler) cpuV1(base, path, memDir string, u *Usage) error {
 	acct := filepath.Join(base, "cpuacct", path)
-	total, err := s.readUint(filepath.Join(acct, "cpuacct.usage"))
+	b, err := s.readOptional(filepath.Join(acct, "cpuacct.usage"))
 	if err == nil {
-		st, err := s.readKeyValues(filepath.Join(acct, "cpuacct.stat"))
+		total, err := parseUint(b)
+		if err != nil {
+			return err
+		}
+		b, err = s.read(filepath.Join(acct, "cpuacct.stat"))
 		if err != nil {
 			return err
 		}
 		u.CPUTotal = time.Duration(total)
-		u.CPUUser = time.Duration(st["user"]) * time.Second / userHZ
-		u.CPUSystem = time.Duration(st["system"]) * time.Second / userHZ
+		eachKeyValue(b, func(k []byte, v uint64) {
+			switch string(k) {
+			case "user":
+				u.CPUUser = time.Duration(v) * time.Second / userHZ
+			case "system":
+				u.CPUSystem = time.Duration(v) * time.Second / userHZ
+			}
+		})
 		return nil
 	}
 	if !IsGone(err) {
@@ -252,9 +329,11 @@ func (s *Sampler) cpuV1(base, path, memDir string, u *Usage) error {
 	if s.c.Mode == CgroupHybrid {
 		// The unified hierarchy, where systemd tracks units, has their CPU time all the same:
 		// its cpu.stat needs no controller from Linux 4.20 on.
-		cpu, err := s.readKeyValues(filepath.Join(base, "unified", path, "cpu.stat"))
+		b, err := s.readOptional(filepath.Join(base, "unified", path, "cpu.stat"))
 		if err == nil {
-			cpuTimes(u, cpu)
+			var v2 Usage
+			cpuStat(&v2, b)
+			u.CPUTotal, u.CPUUser, u.CPUSystem = v2.CPUTotal, v2.CPUUser, v2.CPUSystem
 			return nil
 		}
 		if !IsGone(err) {
@@ -269,22 +348,13 @@ func (s *Sampler) cpuV1(base, path, memDir string, u *Usage) error {
 	return nil
 }
 
-// cpuTimes takes the CPU times from a cgroup v2 cpu.stat.
-func cpuTimes(u *Usage, cpu map[string]uint64) {
-	u.CPUTotal = time.Duration(cpu["usage_usec"]) * time.Microsecond
-	u.CPUUser = time.Duration(cpu["user_usec"]) * time.Microsecond
-	u.CPUSystem = time.Duration(cpu["system_usec"]) * time.Microsecond
-}
-
 // processCPU sums the user and system time of the processes in a cgroup tree.
 func (s *Sampler) processCPU(dir string) (user, system time.Duration, err error) {
-	if s.procsFiles == nil || s.sinceWalk >= walkEvery {
+	if s.procsFiles == nil {
 		if s.procsFiles, err = procsFiles(dir); err != nil {
 			return 0, 0, err
 		}
-		s.sinceWalk = 0
 	}
-	s.sinceWalk++
 	for _, p := range s.procsFiles {
 		b, err := s.read(p)
 		if err != nil {
@@ -324,25 +394,56 @@ func procsFiles(dir string) ([]string, error) {
 	return out, err
 }
 
-func (s *Sampler) readUint(path string) (uint64, error) {
-	b, err := s.read(path)
-	if err != nil {
-		return 0, err
-	}
-	v := string(bytes.TrimSpace(b))
-	if v == "max" {
+// parseUint parses a file holding one number; "max" (no limit) is 0.
+func parseUint(b []byte) (uint64, error) {
+	b = bytes.TrimSpace(b)
+	if string(b) == "max" {
 		return 0, nil
 	}
-	return strconv.ParseUint(v, 10, 64)
+	v, ok := decimal(b)
+	if !ok {
+		return 0, fmt.Errorf("not a number: %q", b)
+	}
+	return v, nil
 }
 
-// readKeyValues parses files of "key value" lines such as memory.stat and cpu.stat.
-func (s *Sampler) readKeyValues(path string) (map[string]uint64, error) {
-	b, err := s.read(path)
-	if err != nil {
-		return nil, err
+// decimal parses an unsigned decimal number without allocating.
+func decimal(b []byte) (uint64, bool) {
+	if len(b) == 0 {
+		return 0, false
 	}
-	return parseKeyValues(b), nil
+	var v uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		d := uint64(c - '0')
+		if v > (math.MaxUint64-d)/10 {
+			return 0, false
+		}
+		v = v*10 + d
+	}
+	return v, true
+}
+
+// eachKeyValue calls f for each "key value" line with a number as its value, as in memory.stat
+// and cpu.stat; other lines are skipped.
+func eachKeyValue(b []byte, f func(key []byte, v uint64)) {
+	for len(b) > 0 {
+		line := b
+		if i := bytes.IndexByte(b, '\n'); i >= 0 {
+			line, b = b[:i], b[i+1:]
+		} else {
+			b = nil
+		}
+		k, v, ok := bytes.Cut(line, []byte{' '})
+		if !ok {
+			continue
+		}
+		if n, ok := decimal(bytes.TrimSpace(v)); ok {
+			f(k, n)
+		}
+	}
 }
 
 // readKeyValues reads a file of "key value" lines once.
@@ -351,23 +452,9 @@ func readKeyValues(path string) (map[string]uint64, error) {
 	if err != nil {
 		return nil, err
 	}
-	return parseKeyValues(b), nil
-}
-
-func parseKeyValues(b []byte) map[string]uint64 {
 	out := map[string]uint64{}
-	for _, line := range strings.Split(string(b), "\n") {
-		k, v, ok := strings.Cut(line, " ")
-		if !ok {
-			continue
-		}
-		n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
-		if err != nil {
-			continue
-		}
-		out[k] = n
-	}
-	return out
+	eachKeyValue(b, func(k []byte, v uint64) { out[string(k)] = v })
+	return out, nil
 }
 
 // IsGone tells whether err means the cgroup no longer exists, e.g. because its unit ended.

@@ -5,6 +5,7 @@ package cgroupfs
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -304,7 +305,7 @@ func TestSampler_ReadsAgain(t *testing.T) {
 	must.EqOp(t, before, fds())
 }
 
-// Without cpuacct, a sampler lists the unit's cgroups every walkEvery samples: a cgroup made in
+// Without cpuacct, a sampler lists the unit's cgroups at each refresh (every refreshEvery samples): a cgroup made in
 // between counts from the next listing on.
 func TestSampler_ListsCgroupsAgain(t *testing.T) {
 	base := t.TempDir()
@@ -326,7 +327,7 @@ func TestSampler_ListsCgroupsAgain(t *testing.T) {
 
 	must.NoError(t, os.MkdirAll(filepath.Join(mem, "late"), 0o755))
 	must.NoError(t, os.WriteFile(filepath.Join(mem, "late", "cgroup.procs"), nil, 0o644))
-	for i := 1; i < walkEvery; i++ {
+	for i := 1; i < refreshEvery; i++ {
 		_, err := s.Read()
 		must.NoError(t, err)
 		must.Len(t, 2, s.procsFiles)
@@ -334,4 +335,50 @@ func TestSampler_ListsCgroupsAgain(t *testing.T) {
 	_, err = s.Read()
 	must.NoError(t, err)
 	must.Len(t, 3, s.procsFiles)
+}
+
+// An optional file found missing is looked for again at the next refresh only: each failed
+// open costs a path walk of the cgroup file system.
+func TestSampler_MissingFileLookedForAtRefresh(t *testing.T) {
+	base := t.TempDir()
+	dir := filepath.Join(base, "x.service")
+	must.NoError(t, os.MkdirAll(dir, 0o755))
+	for name, content := range map[string]string{
+		"memory.current": "4096\n",
+		"memory.stat":    "anon 1\nfile 2\n",
+		"cpu.stat":       "usage_usec 1\nuser_usec 1\nsystem_usec 0\n",
+	} {
+		must.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644))
+	}
+	s := Cgroups{Base: base, Mode: CgroupUnified}.Sampler("/x.service")
+	defer s.Close()
+	u, err := s.Read()
+	must.NoError(t, err)
+	must.False(t, u.HasMaxUsage)
+
+	must.NoError(t, os.WriteFile(filepath.Join(dir, "memory.peak"), []byte("8192\n"), 0o644))
+	for i := 1; i < refreshEvery; i++ {
+		u, err = s.Read()
+		must.NoError(t, err)
+		must.False(t, u.HasMaxUsage, must.Sprintf("sample %d", i+1))
+	}
+	u, err = s.Read()
+	must.NoError(t, err)
+	must.True(t, u.HasMaxUsage)
+	must.EqOp(t, uint64(8192), u.MemoryMaxUsage)
+}
+
+func TestEachKeyValue(t *testing.T) {
+	got := map[string]uint64{}
+	eachKeyValue([]byte("anon 12\nfile  34\nbad x\nnovalue\n\nbig 18446744073709551615\nhuge 99999999999999999999\nlast 5"), func(k []byte, v uint64) {
+		got[string(k)] = v
+	})
+	must.Eq(t, map[string]uint64{"anon": 12, "file": 34, "big": math.MaxUint64, "last": 5}, got)
+	for in, want := range map[string]uint64{"42\n": 42, "max\n": 0, " 7 ": 7} {
+		v, err := parseUint([]byte(in))
+		must.NoError(t, err)
+		must.EqOp(t, want, v)
+	}
+	_, err := parseUint([]byte("-1\n"))
+	must.ErrorContains(t, err, "not a number")
 }
