@@ -346,7 +346,9 @@ cmd_up() {
 	# leader retries only after 15-30 s.
 	start_agent server
 	local answer
-	until answer=$(nomad_cli operator api /v1/status/leader 2>&1) && [[ $answer == *:4647* ]]; do
+	# </dev/null: operator api sends stdin as a POST body when stdin is a file or a pipe (as
+	# where CI runs this script), which /v1/status/leader refuses ("Invalid method").
+	until answer=$(nomad_cli operator api /v1/status/leader </dev/null 2>&1) && [[ $answer == *:4647* ]]; do
 		if ((SECONDS - start >= UP_TIMEOUT)); then
 			guest server journalctl -u "$UNIT" --no-pager -n 60 >&2 || true
 			in_net ip -br addr >&2 || true
