@@ -153,6 +153,17 @@ func TestStop(t *testing.T) {
 			cfg := td.newTask(t, "stopsd", guest.toplevel, nil)
 			td.start(t, cfg)
 			waitLog(t, cfg, "longrun: started", 2*time.Minute)
+			// The mounts of the closure's paths take the drop-in of their units' name prefix.
+			machine := mustMachine(t, cfg)
+			var storeMounts []string
+			for _, line := range strings.Split(run(t, "systemctl", "-M", machine, "list-units", "--type=mount", "--all", "--no-legend", "--plain", "nix-store-*"), "\n") {
+				if f := strings.Fields(line); len(f) > 0 {
+					storeMounts = append(storeMounts, f[0])
+				}
+			}
+			must.SliceNotEmpty(t, storeMounts)
+			shown := run(t, "systemctl", append([]string{"-M", machine, "show", "-p", "DefaultDependencies"}, storeMounts...)...)
+			must.EqOp(t, len(storeMounts), strings.Count(shown, "DefaultDependencies=no"), must.Sprint(shown))
 			must.NoError(t, td.StopTask(cfg.ID, time.Minute, ""))
 			res := td.waitExit(t, cfg.ID, time.Minute)
 			must.NoError(t, res.Err)

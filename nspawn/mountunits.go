@@ -26,15 +26,11 @@ const (
 		"[Unit]\nDefaultDependencies=no\n"
 )
 
-// GuestMounts are the machine's mount points that the driver binds: its /nix/store and the
-// paths in it, the task's directories, volumes and binds, and its devices.
+// GuestMounts are the machine's mount points that the driver binds: its /nix/store (and the
+// paths in it, whose drop-in is shared), the task's directories, volumes and binds, and its
+// devices.
 func (s *Spec) GuestMounts() []string {
 	mounts := []string{guestStore}
-	for _, p := range s.Store.Paths {
-		if _, link := s.Store.Links[p]; !link {
-			mounts = append(mounts, guestStore+"/"+p)
-		}
-	}
 	for _, b := range s.Binds {
 		mounts = append(mounts, b.Dest)
 	}
@@ -45,10 +41,19 @@ func (s *Spec) GuestMounts() []string {
 }
 
 // WriteMountDropins writes, into a prepared root, the drop-ins that keep the guest's systemd from
-// unmounting mounts at poweroff.
+// unmounting mounts at poweroff. The mounts below /nix/store share one: systemd (from 239 on)
+// reads the drop-ins of each prefix of a unit's name cut after a dash too, and theirs all start
+// with "nix-store-"; a closure of a thousand paths had cost a thousand drop-ins at each start.
 func WriteMountDropins(root string, mounts []string) error {
+	var names []string
 	for _, m := range mounts {
-		dir := filepath.Join(root, mountDropinDir, unit.UnitNamePathEscape(m)+".mount.d")
+		names = append(names, unit.UnitNamePathEscape(m))
+		if m == guestStore {
+			names = append(names, unit.UnitNamePathEscape(guestStore)+"-")
+		}
+	}
+	for _, name := range names {
+		dir := filepath.Join(root, mountDropinDir, name+".mount.d")
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return fmt.Errorf("writing the machine's mount drop-ins: %w", err)
 		}
