@@ -5,6 +5,7 @@ package driver
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/hashicorp/nomad/client/lib/cpustats"
@@ -18,12 +19,17 @@ var (
 	cpuMeasured    = []string{"System Mode", "User Mode", "Total Ticks", "Throttled Periods", "Throttled Time", "Percent"}
 )
 
-// TaskStats samples the machine's unit cgroup: first at once, then every interval, until the
-// machine ends or ctx does.
+// TaskStats samples the machine's unit cgroup: first at once, then at each multiple of
+// interval (since the epoch), until the machine ends or ctx does. Nomad asks for every task's
+// stats at one interval: the tasks' samples fall together, and the plugin wakes once an
+// interval for all of them, not once for each.
 func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Duration) (<-chan *drivers.TaskResourceUsage, error) {
 	h, ok := d.tasks.get(taskID)
 	if !ok {
 		return nil, drivers.ErrTaskNotFound
+	}
+	if interval <= 0 {
+		return nil, fmt.Errorf("stats interval %s: it must be positive (Nomad's client collection_interval)", interval)
 	}
 	d.mu.RLock()
 	compute := d.compute
@@ -47,7 +53,7 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 			case <-h.doneCh:
 				return
 			case <-timer.C:
-				timer.Reset(interval)
+				timer.Reset(untilNextSample(time.Now(), interval))
 			}
 			h.mu.RLock()
 			cg := h.cgroupPath
@@ -75,6 +81,11 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 		}
 	}()
 	return ch, nil
+}
+
+// untilNextSample is the time from now to the next multiple of interval since the epoch.
+func untilNextSample(now time.Time, interval time.Duration) time.Duration {
+	return interval - time.Duration(now.UnixNano()%int64(interval))
 }
 
 func usage(u cgroupfs.Usage, total, user, system *cpustats.Tracker) *drivers.TaskResourceUsage {
