@@ -204,13 +204,11 @@ func TestCgroupsV1_ProcessCPUFallback(t *testing.T) {
 	mem := filepath.Join(base, "memory", "machine.slice", "x.service")
 	payload := filepath.Join(mem, "payload")
 	must.NoError(t, os.MkdirAll(payload, 0o755))
-	for name, content := range map[string]string{
+	writeFiles(t, mem, map[string]string{
 		"memory.usage_in_bytes": "1048576\n",
 		"memory.stat":           "total_rss 4096\ntotal_cache 8192\n",
 		"cgroup.procs":          "",
-	} {
-		must.NoError(t, os.WriteFile(filepath.Join(mem, name), []byte(content), 0o644))
-	}
+	})
 	// This test process, and a PID that does not exist (a process that just exited).
 	must.NoError(t, os.WriteFile(filepath.Join(payload, "cgroup.procs"), []byte(fmt.Sprintf("%d\n999999999\n", os.Getpid())), 0o644))
 
@@ -237,19 +235,13 @@ func TestCgroupsV1_ProcessCPUFallback(t *testing.T) {
 // hierarchy, exited processes included; only a host without it sums live processes.
 func TestCgroupsHybrid_UnifiedCPU(t *testing.T) {
 	base := t.TempDir()
-	mem := filepath.Join(base, "memory", "machine.slice", "x.service")
-	unified := filepath.Join(base, "unified", "machine.slice", "x.service")
-	must.NoError(t, os.MkdirAll(mem, 0o755))
-	must.NoError(t, os.MkdirAll(unified, 0o755))
-	for name, content := range map[string]string{
-		filepath.Join(mem, "memory.usage_in_bytes"): "1048576\n",
-		filepath.Join(mem, "memory.stat"):           "total_rss 4096\ntotal_cache 8192\n",
+	writeFiles(t, base, map[string]string{
+		"memory/machine.slice/x.service/memory.usage_in_bytes": "1048576\n",
+		"memory/machine.slice/x.service/memory.stat":           "total_rss 4096\ntotal_cache 8192\n",
 		// No process: had the processes been summed, the CPU time would be 0.
-		filepath.Join(mem, "cgroup.procs"): "",
-		filepath.Join(unified, "cpu.stat"): "usage_usec 1500001\nuser_usec 1000001\nsystem_usec 500000\nnice_usec 0\n",
-	} {
-		must.NoError(t, os.WriteFile(name, []byte(content), 0o644))
-	}
+		"memory/machine.slice/x.service/cgroup.procs": "",
+		"unified/machine.slice/x.service/cpu.stat":    "usage_usec 1500001\nuser_usec 1000001\nsystem_usec 500000\nnice_usec 0\n",
+	})
 	u, err := Cgroups{Base: base, Mode: CgroupHybrid}.readOnce("/machine.slice/x.service")
 	must.NoError(t, err)
 	must.EqOp(t, 1500001*time.Microsecond, u.CPUTotal)
@@ -310,15 +302,12 @@ func TestSampler_ReadsAgain(t *testing.T) {
 func TestSampler_ListsCgroupsAgain(t *testing.T) {
 	base := t.TempDir()
 	mem := filepath.Join(base, "memory", "x.service")
-	must.NoError(t, os.MkdirAll(filepath.Join(mem, "payload"), 0o755))
-	for name, content := range map[string]string{
+	writeFiles(t, mem, map[string]string{
 		"memory.usage_in_bytes": "1048576\n",
 		"memory.stat":           "total_rss 4096\ntotal_cache 8192\n",
 		"cgroup.procs":          "",
 		"payload/cgroup.procs":  fmt.Sprintf("%d\n", os.Getpid()),
-	} {
-		must.NoError(t, os.WriteFile(filepath.Join(mem, name), []byte(content), 0o644))
-	}
+	})
 	s := Cgroups{Base: base, Mode: CgroupHybrid}.Sampler("/x.service")
 	defer s.Close()
 	_, err := s.Read()
@@ -342,14 +331,11 @@ func TestSampler_ListsCgroupsAgain(t *testing.T) {
 func TestSampler_MissingFileLookedForAtRefresh(t *testing.T) {
 	base := t.TempDir()
 	dir := filepath.Join(base, "x.service")
-	must.NoError(t, os.MkdirAll(dir, 0o755))
-	for name, content := range map[string]string{
+	writeFiles(t, dir, map[string]string{
 		"memory.current": "4096\n",
 		"memory.stat":    "anon 1\nfile 2\n",
 		"cpu.stat":       "usage_usec 1\nuser_usec 1\nsystem_usec 0\n",
-	} {
-		must.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644))
-	}
+	})
 	s := Cgroups{Base: base, Mode: CgroupUnified}.Sampler("/x.service")
 	defer s.Close()
 	u, err := s.Read()
@@ -381,4 +367,14 @@ func TestEachKeyValue(t *testing.T) {
 	}
 	_, err := parseUint([]byte("-1\n"))
 	must.ErrorContains(t, err, "not a number")
+}
+
+// writeFiles writes each file, named relative to dir, with its content.
+func writeFiles(t *testing.T, dir string, files map[string]string) {
+	t.Helper()
+	for name, content := range files {
+		p := filepath.Join(dir, name)
+		must.NoError(t, os.MkdirAll(filepath.Dir(p), 0o755))
+		must.NoError(t, os.WriteFile(p, []byte(content), 0o644))
+	}
 }
