@@ -156,7 +156,7 @@ func TestDrop_FinishesLineBegun(t *testing.T) {
 }
 
 // forwardInTwoWrites runs a forwarder with a backlog of 50 bytes while the console gets first,
-// which it delivers, then rest, and returns what reached the FIFO.
+// which it delivers before rest is written, then rest, and returns what reached the FIFO.
 func forwardInTwoWrites(t *testing.T, first, rest string) string {
 	dir, fifo, got := setup(t, "")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -166,13 +166,31 @@ func forwardInTwoWrites(t *testing.T, first, rest string) string {
 	log, err := os.OpenFile(Files{dir}.Log(), os.O_APPEND|os.O_WRONLY, 0)
 	must.NoError(t, err)
 	_, _ = log.WriteString(first)
-	time.Sleep(300 * time.Millisecond)
+	waitOffset(t, dir, int64(len(first)))
 	_, _ = log.WriteString(rest)
 	log.Close()
-	time.Sleep(300 * time.Millisecond)
+	waitOffset(t, dir, int64(len(first)+len(rest)))
 	must.NoError(t, MarkEnd(dir))
 	must.NoError(t, <-done)
 	return got()
+}
+
+// waitOffset waits until the forwarder has dealt with (delivered or dropped) the first n bytes
+// of the console log.
+func waitOffset(t *testing.T, dir string, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		off, err := readOffset(Files{dir}.Offset())
+		must.NoError(t, err)
+		if off >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the forwarder is at byte %d of the console log after 10s, not %d", off, n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // Delivered blocks are freed, but the last KeepTail bytes stay readable for Tail.
