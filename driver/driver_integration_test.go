@@ -311,7 +311,7 @@ func TestStatsSignalExec(t *testing.T) {
 	})
 
 	t.Run("exec streaming with and without TTY", func(t *testing.T) {
-		dtestutil.TestExecTaskStreamingBasicResponses(t, td.DriverHarness, cfg.ID)
+		dtestutil.TestExecTaskStreamingBasicResponses(t, dtestutil.NewDriverHarness(t, servedExec{td.d}), cfg.ID)
 	})
 
 	t.Run("an interactive shell on a TTY has job control and its exit status", func(t *testing.T) {
@@ -745,4 +745,22 @@ func TestLongConsoleLine(t *testing.T) {
 	td.start(t, cfg)
 	td.waitExit(t, cfg.ID, 30*time.Second)
 	waitLog(t, cfg, long, 10*time.Second)
+}
+
+// servedExec runs an exec stream as Nomad's plugin server does: it waits until the output has
+// been sent before it sends the exit. Nomad's shared exec cases, given a driver without
+// ExecTaskStreamingRaw, read their result as soon as ExecTaskStreaming returns, before their own
+// goroutines have sent the last output on (on a loaded machine a TTY case found it empty).
+type servedExec struct{ *Driver }
+
+func (s servedExec) ExecTaskStreamingRaw(ctx context.Context, taskID string, command []string, tty bool, stream drivers.ExecTaskStream) error {
+	opts, sent := drivers.StreamToExecOptions(ctx, command, tty, stream)
+	res, err := s.ExecTaskStreaming(ctx, taskID, opts)
+	if err != nil {
+		return err
+	}
+	if err := <-sent; err != nil {
+		return err
+	}
+	return stream.Send(drivers.NewExecStreamingResponseExit(res.ExitCode))
 }
