@@ -274,7 +274,14 @@ status) is_ready ;;
 exec)
 	shift
 	(($# > 0)) || die "usage: vmhost.sh exec CMD [ARGS...]"
-	is_ready || die "the VM host is not running (run: $0 up)"
+	if ! is_ready; then
+		# A VM that ended under a test (a guest kernel panic powers it off) leaves its console.
+		if [[ -s $RUN_DIR/console.log ]]; then
+			log "the last lines of its console:"
+			tail -n 40 "$RUN_DIR/console.log" >&2
+		fi
+		die "the VM host is not running (run: $0 up)"
+	fi
 	cmd_exec "$@"
 	;;
 *)
