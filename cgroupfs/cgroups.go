@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -331,9 +330,7 @@ func (s *Sampler) cpuV1(base, path, memDir string, u *Usage) error {
 		// its cpu.stat needs no controller from Linux 4.20 on.
 		b, err := s.readOptional(filepath.Join(base, "unified", path, "cpu.stat"))
 		if err == nil {
-			var v2 Usage
-			cpuStat(&v2, b)
-			u.CPUTotal, u.CPUUser, u.CPUSystem = v2.CPUTotal, v2.CPUUser, v2.CPUSystem
+			cpuStat(u, b)
 			return nil
 		}
 		if !IsGone(err) {
@@ -400,30 +397,11 @@ func parseUint(b []byte) (uint64, error) {
 	if string(b) == "max" {
 		return 0, nil
 	}
-	v, ok := decimal(b)
-	if !ok {
+	v, err := strconv.ParseUint(string(b), 10, 64)
+	if err != nil {
 		return 0, fmt.Errorf("not a number: %q", b)
 	}
 	return v, nil
-}
-
-// decimal parses an unsigned decimal number without allocating.
-func decimal(b []byte) (uint64, bool) {
-	if len(b) == 0 {
-		return 0, false
-	}
-	var v uint64
-	for _, c := range b {
-		if c < '0' || c > '9' {
-			return 0, false
-		}
-		d := uint64(c - '0')
-		if v > (math.MaxUint64-d)/10 {
-			return 0, false
-		}
-		v = v*10 + d
-	}
-	return v, true
 }
 
 // eachKeyValue calls f for each "key value" line with a number as its value, as in memory.stat
@@ -440,7 +418,8 @@ func eachKeyValue(b []byte, f func(key []byte, v uint64)) {
 		if !ok {
 			continue
 		}
-		if n, ok := decimal(bytes.TrimSpace(v)); ok {
+		// ParseUint does not keep its argument: the conversion allocates nothing.
+		if n, err := strconv.ParseUint(string(bytes.TrimSpace(v)), 10, 64); err == nil {
 			f(k, n)
 		}
 	}

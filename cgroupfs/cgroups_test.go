@@ -367,6 +367,18 @@ func TestEachKeyValue(t *testing.T) {
 	}
 	_, err := parseUint([]byte("-1\n"))
 	must.ErrorContains(t, err, "not a number")
+
+	// A sample of a hundred tasks a second parses without garbage.
+	stat := []byte(strings.Repeat("total_rss 4096\ntotal_cache 8192\n", 20))
+	var rss uint64
+	must.EqOp(t, 0.0, testing.AllocsPerRun(100, func() {
+		eachKeyValue(stat, func(k []byte, v uint64) {
+			if string(k) == "total_rss" {
+				rss = v
+			}
+		})
+	}))
+	must.EqOp(t, uint64(4096), rss)
 }
 
 // writeFiles writes each file, named relative to dir, with its content.

@@ -235,6 +235,11 @@ func (s *NixStore) rootClosure(ctx context.Context, p string) error {
 	if _, err := os.Lstat(p); err != nil {
 		return fmt.Errorf("%s left the store (collected as garbage?): %w", p, err)
 	}
+	return s.linkClosureRoot(p)
+}
+
+func (s *NixStore) linkClosureRoot(p string) error {
+	root := s.closureRoot(p)
 	if err := os.Remove(root); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
@@ -339,9 +344,10 @@ func (s *NixStore) takeOverLegacyClosureRoots() error {
 	}
 	for _, e := range entries {
 		old := filepath.Join(dir, e.Name())
-		// The old root holds the closure meanwhile.
+		// The old root holds the closure until the new one is there: no lock is needed, and
+		// a start-up never waits for Nix's garbage collection.
 		if target, err := os.Readlink(old); err == nil && named[target] {
-			if err := s.rootClosure(context.Background(), target); err != nil {
+			if err := s.linkClosureRoot(target); err != nil {
 				return err
 			}
 		}

@@ -136,9 +136,15 @@ func TestNewNixStoreTakesOverLegacyClosureRoots(t *testing.T) {
 		must.NoError(t, os.Symlink(p, filepath.Join(legacy, filepath.Base(p))))
 	}
 	must.NoError(t, os.Symlink(ts.web, filepath.Join(ts.roots, "alloc-1")))
+	// The old roots hold the closures meanwhile: opening the store does not wait for a
+	// collection in progress.
+	gc, err := os.OpenFile(filepath.Join(ts.state, "gc.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	must.NoError(t, err)
+	defer gc.Close()
+	must.NoError(t, unix.Flock(int(gc.Fd()), unix.LOCK_EX))
 	ts.open(t)
 	must.Eq(t, map[string]string{ts.rootPrefix + filepath.Base(ts.web): ts.web}, ts.closureRootLinks(t))
-	_, err := os.Lstat(legacy)
+	_, err = os.Lstat(legacy)
 	must.True(t, os.IsNotExist(err))
 	must.NoError(t, ts.RemoveRoot(context.Background(), "alloc-1"))
 	must.MapEmpty(t, ts.closureRootLinks(t))
