@@ -403,6 +403,11 @@ func readOffset(path string) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
+	// A forwarder that ended between creating the file and its first record (written whole,
+	// in one write) had delivered nothing.
+	if len(b) == 0 {
+		return 0, nil
+	}
 	off, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
 	if err != nil || off < 0 {
 		return 0, fmt.Errorf("console offset %s: want a byte count, got %q", path, b)

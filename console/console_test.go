@@ -112,6 +112,16 @@ func TestForward_ResumesAtOffset(t *testing.T) {
 	must.ErrorContains(t, err, "want a byte count")
 }
 
+// A forwarder that ended after creating its offset file and before its first record left it
+// empty: the next one starts at the beginning instead of refusing to run.
+func TestForward_EmptyOffsetIsStart(t *testing.T) {
+	dir, fifo, got := setup(t, "one\r\ntwo\r\n")
+	must.NoError(t, os.WriteFile(Files{dir}.Offset(), nil, 0o600))
+	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, run(t, &Forwarder{Dir: dir, FIFO: fifo, Backlog: 1 << 30}))
+	must.EqOp(t, "one\ntwo\n", got())
+}
+
 func TestForward_StoppedSavesOffset(t *testing.T) {
 	dir, fifo, _ := setup(t, "")
 	ctx, cancel := context.WithCancel(context.Background())
