@@ -143,7 +143,7 @@ bench: testhost-ready
 		-test.run '^$$' -test.bench Import -test.benchtime $(or $(BENCHTIME),5x)); \
 	cd driver; \
 	$(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
-		-test.run '^$$' -test.bench 'StartToReady|StoreView|TimeToAddress|Concurrency|Stop' -test.benchtime $(or $(BENCHTIME),10x); \
+		-test.run '^$$' -test.bench 'StartToReady|StoreView|TimeToAddress|UnitStatus|Concurrency|Stop' -test.benchtime $(or $(BENCHTIME),10x); \
 	$(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \
 		-test.run '^$$' -test.bench ConsoleThroughput -test.benchtime $(or $(BENCHTIME),2x); \
 	$(CURDIR)/$(TESTHOST) exec $(CURDIR)/$(BUILD)/driver.integration.test \

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	sddbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/go-plugin"
 	"github.com/hashicorp/nomad/client/lib/numalib"
@@ -62,6 +63,49 @@ func BenchmarkStartToReady(b *testing.B) {
 			b.ReportMetric(0, "ns/op")
 		})
 	}
+}
+
+// A unit's state as the driver reads it (Status: the dozen properties it needs, sent together)
+// against one property read, and against the same dozen read one after another; of a service
+// every test host runs.
+func BenchmarkUnitStatus(b *testing.B) {
+	const unit = "systemd-journald.service"
+	ctx := context.Background()
+	mgr := nspawn.NewManager()
+	defer mgr.Close()
+	sd, err := sddbus.NewSystemConnectionContext(ctx)
+	must.NoError(b, err)
+	defer sd.Close()
+	twelve := []string{"LoadState", "ActiveState", "SubState", "Description", "InvocationID", "ActiveEnterTimestampMonotonic", "Result", "ControlGroup", "MainPID", "ExecMainCode", "ExecMainStatus", "LoadState"}
+	var status, one, sequential time.Duration
+	for i := 0; i < b.N; i++ {
+		t := time.Now()
+		st, err := mgr.Status(ctx, unit)
+		status += time.Since(t)
+		must.NoError(b, err)
+		must.True(b, st.Ready() && st.MainPID > 0, must.Sprintf("%+v", st))
+		t = time.Now()
+		_, err = sd.GetUnitTypePropertyContext(ctx, unit, "Service", "MainPID")
+		one += time.Since(t)
+		must.NoError(b, err)
+		t = time.Now()
+		for j, name := range twelve {
+			iface := "Unit"
+			if j >= 6 && j < 11 {
+				iface = "Service"
+			}
+			_, err = sd.GetUnitTypePropertyContext(ctx, unit, iface, name)
+			must.NoError(b, err)
+		}
+		sequential += time.Since(t)
+	}
+	n := time.Duration(b.N)
+	b.ReportMetric(float64((status / n).Microseconds()), "status-us")
+	b.ReportMetric(float64((one / n).Microseconds()), "one-read-us")
+	b.ReportMetric(float64((sequential / n).Microseconds()), "twelve-one-by-one-us")
+	b.ReportMetric(float64(status)/float64(one), "status/one-read")
+	b.ReportMetric(float64(status)/float64(sequential), "status/one-by-one")
+	b.ReportMetric(0, "ns/op")
 }
 
 // Start to READY of a system with 1,002 paths in its closure, with the closure-only view (one
