@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
@@ -81,7 +83,8 @@ func splitBind(b string) (host, dest, opts string) {
 }
 
 // resolveInside opens host from the allowed directory it is in, without following a link out of
-// it, and returns the directory's real path.
+// it or an absolute link (the kernel refuses both: RESOLVE_BENEATH), and returns the directory's
+// real path.
 func resolveInside(host string, allowed []string) (string, error) {
 	for _, dir := range allowed {
 		rel, ok := strings.CutPrefix(host, dir+"/")
@@ -91,23 +94,18 @@ func resolveInside(host string, allowed []string) (string, error) {
 		if !ok {
 			continue
 		}
-		root, err := os.OpenRoot(dir)
-		if err != nil {
-			return "", err
+		fd, err := openBeneath(dir, rel)
+		if errors.Is(err, unix.EXDEV) {
+			return "", fmt.Errorf("a link leads out of %s, which allow_bind_paths allows, or is absolute; give the path it points to, if that is allowed", dir)
 		}
-		defer root.Close()
-		f, err := root.Open(rel)
-		if err != nil {
-			if strings.Contains(err.Error(), "escapes") {
-				return "", fmt.Errorf("a link leads out of %s, which allow_bind_paths allows; give the path it points to, if that is allowed", dir)
-			}
-			return "", err
-		}
-		defer f.Close()
-		if fi, err := f.Stat(); err != nil || !fi.IsDir() {
+		if errors.Is(err, unix.ENOTDIR) {
 			return "", errors.New("not a directory on the host")
 		}
-		real, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
+		if err != nil {
+			return "", err
+		}
+		defer unix.Close(fd)
+		real, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
 		if err != nil {
 			return "", err
 		}
@@ -117,6 +115,28 @@ func resolveInside(host string, allowed []string) (string, error) {
 		return real, nil
 	}
 	return "", fmt.Errorf("not below any directory of the plugin config's allow_bind_paths (%s)", strings.Join(allowed, ", "))
+}
+
+// openBeneath opens the directory rel below dir as an O_PATH descriptor.
+func openBeneath(dir, rel string) (int, error) {
+	dfd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	defer unix.Close(dfd)
+	for {
+		fd, err := unix.Openat2(dfd, rel, &unix.OpenHow{
+			Flags:   unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC,
+			Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_MAGICLINKS,
+		})
+		// EAGAIN: a rename elsewhere raced the lookup.
+		if err != unix.EINTR && err != unix.EAGAIN {
+			if err != nil {
+				return -1, &os.PathError{Op: "open", Path: filepath.Join(dir, rel), Err: err}
+			}
+			return fd, nil
+		}
+	}
 }
 
 // distinctDests refuses two binds at one place in the machine.

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/shoenig/test/must"
+
+	"github.com/nomad-nixos/nomad-driver-nixos/nspawn"
 )
 
 func TestParseAllowBindPaths(t *testing.T) {
@@ -66,4 +68,23 @@ func TestTaskBinds_Refusals(t *testing.T) {
 		must.ErrorContains(t, err, `binds[0] = "`+c.bind+`"`)
 		must.ErrorContains(t, err, c.want)
 	}
+}
+
+// A relative link that stays inside the allowed directory is followed to where it points; an
+// absolute one is refused even when it points inside, as the kernel resolves beneath the
+// directory.
+func TestTaskBinds_Links(t *testing.T) {
+	allowed := t.TempDir()
+	must.NoError(t, os.MkdirAll(filepath.Join(allowed, "data", "web"), 0o755))
+	must.NoError(t, os.Symlink("data/web", filepath.Join(allowed, "site")))
+	must.NoError(t, os.Symlink(filepath.Join(allowed, "data"), filepath.Join(allowed, "abs")))
+	real, err := parseAllowBindPaths([]string{allowed})
+	must.NoError(t, err)
+
+	binds, err := taskBinds([]string{allowed + "/site:/srv"}, real)
+	must.NoError(t, err)
+	must.Eq(t, []nspawn.Bind{{Source: real[0] + "/data/web", Dest: "/srv", IDMap: true}}, binds)
+
+	_, err = taskBinds([]string{allowed + "/abs:/srv"}, real)
+	must.ErrorContains(t, err, "a link leads out of "+real[0]+", which allow_bind_paths allows, or is absolute")
 }
