@@ -304,23 +304,31 @@ func BenchmarkScale(b *testing.B) {
 		b.ReportMetric(forwarderPSS, "forwarder-PSS-MiB/machine")
 		b.ReportMetric(growth, "plugin-growth-MiB/machine")
 		b.ReportMetric(nspawnPSS+forwarderPSS+growth, "outside-guest-MiB/machine")
-		b.ReportMetric(idle*100, "plugin-CPU-%core/following")
-		b.ReportMetric((withStats-idle)*100, "plugin-CPU-%core/stats-1s")
+		b.ReportMetric(idle.total()*100, "plugin-CPU-%core/following")
+		b.ReportMetric((withStats.total()-idle.total())*100, "plugin-CPU-%core/stats-1s")
+		b.ReportMetric((withStats.system-idle.system)*100, "plugin-CPU-%core/stats-1s-in-kernel")
 	}
 	b.ReportMetric(0, "ns/op")
 }
 
+// cpuUse is the share of one core a process used, in user space and in the kernel.
+type cpuUse struct{ user, system float64 }
+
+func (c cpuUse) total() float64 { return c.user + c.system }
+
 // cpuShare is the share of one core the process used over window.
-func cpuShare(b *testing.B, pid int, window time.Duration) float64 {
-	t0, c0 := time.Now(), cpuTicks(b, pid)
+func cpuShare(b *testing.B, pid int, window time.Duration) cpuUse {
+	t0 := time.Now()
+	u0, s0 := cpuTicks(b, pid)
 	time.Sleep(window)
-	c1 := cpuTicks(b, pid)
+	u1, s1 := cpuTicks(b, pid)
 	// USER_HZ is 100 on Linux.
-	return float64(c1-c0) / 100 / time.Since(t0).Seconds()
+	secs := time.Since(t0).Seconds()
+	return cpuUse{user: float64(u1-u0) / 100 / secs, system: float64(s1-s0) / 100 / secs}
 }
 
 // cpuTicks is the user and system time of a process, in clock ticks.
-func cpuTicks(b *testing.B, pid int) int {
+func cpuTicks(b *testing.B, pid int) (user, system int) {
 	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	must.NoError(b, err)
 	// Fields after the command name, which is in parentheses and may hold spaces.
@@ -329,7 +337,7 @@ func cpuTicks(b *testing.B, pid int) int {
 	must.NoError(b, err)
 	stime, err := strconv.Atoi(f[12])
 	must.NoError(b, err)
-	return utime + stime
+	return utime, stime
 }
 
 func reportMs(b *testing.B, d time.Duration, unit string) {
