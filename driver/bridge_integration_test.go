@@ -176,24 +176,24 @@ func (a *nomadAgent) stopJob(job string) {
 	allocs := a.allocs(job)
 	out, err := a.nomad("job", "stop", "-purge", job)
 	must.NoError(a.t, err, must.Sprint(out))
+	// Until nothing names the allocations: the machine leaves machinectl before the driver
+	// removes its directory, port forwards and GC roots, and a test that takes an inventory
+	// next must not find them half gone.
+	var left []string
 	must.Wait(a.t, wait.InitialSuccess(
 		wait.BoolFunc(func() bool {
-			list, err := exec.Command("machinectl", "list", "--no-legend").Output()
-			if err != nil {
-				return false
-			}
-			for _, al := range allocs {
-				if strings.Contains(string(list), "nomad-"+al.ID[:8]) {
-					return false
-				}
-				if _, err := os.Stat(filepath.Join("/var/run/netns", al.ID)); err == nil {
-					return false
+			left = nil
+			for _, item := range bridgeInventory(a.t, a.dataDir()) {
+				for _, al := range allocs {
+					if strings.Contains(item, al.ID) || strings.Contains(item, "nomad-"+al.ID[:8]) {
+						left = append(left, item)
+					}
 				}
 			}
-			return true
+			return len(left) == 0
 		}),
 		wait.Timeout(scaled(2*time.Minute)), wait.Gap(500*time.Millisecond),
-	), must.Sprintf("the machines or network namespaces of job %s outlived it", job))
+	), must.Func(func() string { return fmt.Sprintf("job %s left behind: %q", job, left) }))
 }
 
 type allocation struct {
@@ -319,7 +319,7 @@ func nsInode(t *testing.T, path string) uint64 {
 
 // bridgeInventory is what a bridge-mode allocation could leave behind: the driver's own
 // (inventory), network namespaces, veth links and iptables rules.
-func bridgeInventory(t *testing.T, dataDir string) []string {
+func bridgeInventory(t testing.TB, dataDir string) []string {
 	out := inventory(t, dataDir)
 	entries, _ := os.ReadDir("/var/run/netns")
 	for _, e := range entries {
