@@ -76,7 +76,12 @@ func BenchmarkUnitStatus(b *testing.B) {
 	sd, err := sddbus.NewSystemConnectionContext(ctx)
 	must.NoError(b, err)
 	defer sd.Close()
-	twelve := []string{"LoadState", "ActiveState", "SubState", "Description", "InvocationID", "ActiveEnterTimestampMonotonic", "Result", "ControlGroup", "MainPID", "ExecMainCode", "ExecMainStatus", "LoadState"}
+	twelve := []struct{ iface, name string }{
+		{"Unit", "LoadState"}, {"Unit", "ActiveState"}, {"Unit", "SubState"}, {"Unit", "Description"},
+		{"Unit", "InvocationID"}, {"Unit", "ActiveEnterTimestampMonotonic"}, {"Service", "Result"},
+		{"Service", "ControlGroup"}, {"Service", "MainPID"}, {"Service", "ExecMainCode"},
+		{"Service", "ExecMainStatus"}, {"Unit", "LoadState"},
+	}
 	var status, one, sequential time.Duration
 	for i := 0; i < b.N; i++ {
 		t := time.Now()
@@ -89,12 +94,8 @@ func BenchmarkUnitStatus(b *testing.B) {
 		one += time.Since(t)
 		must.NoError(b, err)
 		t = time.Now()
-		for j, name := range twelve {
-			iface := "Unit"
-			if j >= 6 && j < 11 {
-				iface = "Service"
-			}
-			_, err = sd.GetUnitTypePropertyContext(ctx, unit, iface, name)
+		for _, p := range twelve {
+			_, err = sd.GetUnitTypePropertyContext(ctx, unit, p.iface, p.name)
 			must.NoError(b, err)
 		}
 		sequential += time.Since(t)
