@@ -16,6 +16,7 @@ import (
 	sddbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/coreos/go-systemd/v22/machine1"
 	"github.com/godbus/dbus/v5"
+	"golang.org/x/sync/semaphore"
 )
 
 // Manager talks to systemd and systemd-machined over the system bus. It reconnects when the bus
@@ -27,13 +28,28 @@ type Manager struct {
 	props    *dbus.Conn
 	machined *machine1.Conn
 	changes  changes
+	// calls holds the calls awaiting systemd's or machined's reply, across all connections.
+	calls *semaphore.Weighted
 }
+
+// maxCallsInFlight bounds the calls awaiting a reply: dbus-daemon refuses a connection's calls
+// beyond 128 awaiting replies (max_replies_per_connection), and a hundred tasks starting at once
+// each read a dozen properties together.
+const maxCallsInFlight = 64
 
 // fallbackPoll is how often a waiter reads a unit's state without a signal from systemd.
 const fallbackPoll = time.Second
 
 // NewManager returns a manager that connects lazily.
-func NewManager() *Manager { return &Manager{} }
+func NewManager() *Manager { return &Manager{calls: semaphore.NewWeighted(maxCallsInFlight)} }
+
+// call waits until n more calls may await their replies; release ends the wait for them.
+func (m *Manager) call(ctx context.Context, n int64) (release func(), err error) {
+	if err := m.calls.Acquire(ctx, n); err != nil {
+		return nil, err
+	}
+	return func() { m.calls.Release(n) }, nil
+}
 
 func (m *Manager) sd() (*sddbus.Conn, error) {
 	m.mu.Lock()
@@ -122,6 +138,11 @@ func (m *Manager) SystemdVersion(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	release, err := m.call(ctx, 1)
+	if err != nil {
+		return "", err
+	}
+	defer release()
 	p, err := c.GetManagerProperty("Version")
 	if err != nil {
 		return "", err
@@ -135,6 +156,11 @@ func (m *Manager) MachinedReachable() error {
 	if err != nil {
 		return err
 	}
+	release, err := m.call(context.Background(), 1)
+	if err != nil {
+		return err
+	}
+	defer release()
 	_, err = c.ListMachines()
 	return err
 }
@@ -155,6 +181,11 @@ func (m *Manager) StartUnit(ctx context.Context, unit string, props []sddbus.Pro
 	if err != nil {
 		return err
 	}
+	release, err := m.call(ctx, 1)
+	if err != nil {
+		return err
+	}
+	defer release()
 	if _, err := c.StartTransientUnitContext(ctx, unit, "fail", props, nil); err != nil {
 		return fmt.Errorf("starting unit %s: %w", unit, err)
 	}
@@ -172,6 +203,11 @@ func (m *Manager) SetAllowedCPUs(ctx context.Context, unit, cpus string) error {
 	if err != nil {
 		return err
 	}
+	release, err := m.call(ctx, 1)
+	if err != nil {
+		return err
+	}
+	defer release()
 	if err := c.SetUnitPropertiesContext(ctx, unit, true, prop("AllowedCPUs", mask)); err != nil {
 		return fmt.Errorf("setting AllowedCPUs=%s on unit %s: %w", cpus, unit, err)
 	}
@@ -233,6 +269,11 @@ func (m *Manager) properties(ctx context.Context, unit string, reads []propertyR
 	if err != nil {
 		return err
 	}
+	release, err := m.call(ctx, int64(len(reads)))
+	if err != nil {
+		return err
+	}
+	defer release()
 	obj := conn.Object(systemdBusName, dbus.ObjectPath(unitPathPrefix+sddbus.PathBusEscape(unit)))
 	calls := make([]*dbus.Call, len(reads))
 	for i, r := range reads {
@@ -266,6 +307,11 @@ func (m *Manager) Kill(ctx context.Context, unit string, all bool, sig syscall.S
 	if all {
 		who = sddbus.All
 	}
+	release, err := m.call(ctx, 1)
+	if err != nil {
+		return err
+	}
+	defer release()
 	return c.KillUnitWithTarget(ctx, unit, who, int32(sig))
 }
 
@@ -285,12 +331,18 @@ func (m *Manager) Remove(ctx context.Context, unit string) error {
 	}
 	if st.Running() {
 		// Destroy is not the orderly path (StopTask is): kill at once.
-		_ = c.KillUnitWithTarget(ctx, unit, sddbus.All, int32(syscall.SIGKILL))
+		_ = m.Kill(ctx, unit, true, syscall.SIGKILL)
 	}
 	unloaded, unwatch := m.WatchUnit(unit)
 	defer unwatch()
 	done := make(chan string, 1)
-	if _, err := c.StopUnitContext(ctx, unit, "replace", done); err != nil {
+	release, err := m.call(ctx, 1)
+	if err != nil {
+		return err
+	}
+	_, err = c.StopUnitContext(ctx, unit, "replace", done)
+	release()
+	if err != nil {
 		// The kill may have ended and unloaded it already: then no stop job will report.
 		if isNoSuchUnit(err) {
 			return nil
@@ -302,7 +354,12 @@ func (m *Manager) Remove(ctx context.Context, unit string) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	if err := c.ResetFailedUnitContext(ctx, unit); err != nil && !isNoSuchUnit(err) && !isNotFailed(err) {
+	if release, err = m.call(ctx, 1); err != nil {
+		return err
+	}
+	err = c.ResetFailedUnitContext(ctx, unit)
+	release()
+	if err != nil && !isNoSuchUnit(err) && !isNotFailed(err) {
 		return fmt.Errorf("resetting unit %s: %w", unit, err)
 	}
 	// A stopped transient unit is collected a moment later; wait so the name is reusable.
@@ -339,7 +396,12 @@ func (m *Manager) Leader(machine string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	release, err := m.call(context.Background(), 1)
+	if err != nil {
+		return 0, err
+	}
 	props, err := c.DescribeMachine(machine)
+	release()
 	if err != nil {
 		return 0, fmt.Errorf("machine %s: %w", machine, err)
 	}
@@ -356,7 +418,13 @@ func (m *Manager) Registered(machine string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if _, err := c.GetMachine(machine); err != nil {
+	release, err := m.call(context.Background(), 1)
+	if err != nil {
+		return false, err
+	}
+	_, err = c.GetMachine(machine)
+	release()
+	if err != nil {
 		var e dbus.Error
 		if errors.As(err, &e) && strings.HasSuffix(e.Name, "NoSuchMachine") {
 			return false, nil
@@ -376,5 +444,10 @@ func (m *Manager) Terminate(machine string) error {
 	if err != nil {
 		return err
 	}
+	release, err := m.call(context.Background(), 1)
+	if err != nil {
+		return err
+	}
+	defer release()
 	return c.TerminateMachine(machine)
 }
