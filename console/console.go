@@ -100,6 +100,8 @@ type Forwarder struct {
 	Backlog int64
 	// Now is the clock of drop reports.
 	Now func() time.Time
+	// Warnings gets what the forwarder does otherwise than it should; nil discards it.
+	Warnings io.Writer
 }
 
 // ErrStopped is returned when the forwarder was stopped before the machine ended; it saved its
@@ -138,7 +140,12 @@ func (fw *Forwarder) Run(ctx context.Context) error {
 	}
 	defer offsetFile.Close()
 	notify, err := newWatch(fw.Dir)
-	if err != nil {
+	switch {
+	case errors.Is(err, unix.EMFILE):
+		if fw.Warnings != nil {
+			fmt.Fprintf(fw.Warnings, "no inotify instance left (%v): the machines' instances all count against root's fs.inotify.max_user_instances; looking for new output every %s instead\n", err, pollStep)
+		}
+	case err != nil:
 		return err
 	}
 	defer notify.Close()

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -97,6 +98,45 @@ func TestForward_Follows(t *testing.T) {
 	must.NoError(t, MarkEnd(dir))
 	must.NoError(t, <-done)
 	must.EqOp(t, want.String(), got())
+}
+
+// With no inotify instance left (machines' instances all count against root's), the forwarder
+// looks at the log in steps instead, says so, and delivers all of it. The test runs itself again
+// in a user namespace whose inotify instance limit is 0.
+func TestForward_WithoutInotify(t *testing.T) {
+	if os.Getenv("CONSOLE_TEST_INOTIFY_LIMITED") == "" {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestForward_WithoutInotify$", "-test.v")
+		cmd.Env = append(os.Environ(), "CONSOLE_TEST_INOTIFY_LIMITED=1")
+		cmd.SysProcAttr = &syscall.SysProcAttr{
+			Cloneflags:  syscall.CLONE_NEWUSER,
+			UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getuid(), Size: 1}},
+			GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getgid(), Size: 1}},
+		}
+		out, err := cmd.CombinedOutput()
+		must.NoError(t, err, must.Sprint(string(out)))
+		must.StrContains(t, string(out), "--- PASS: TestForward_WithoutInotify")
+		return
+	}
+	must.NoError(t, os.WriteFile("/proc/sys/user/max_inotify_instances", []byte("0"), 0))
+	dir, fifo, got := setup(t, "")
+	var warnings bytes.Buffer
+	done := make(chan error, 1)
+	go func() { done <- run(t, &Forwarder{Dir: dir, FIFO: fifo, Backlog: 1 << 30, Warnings: &warnings}) }()
+	log, err := os.OpenFile(Files{dir}.Log(), os.O_APPEND|os.O_WRONLY, 0)
+	must.NoError(t, err)
+	defer log.Close()
+	var want strings.Builder
+	for i := range 50 {
+		line := fmt.Sprintf("line %d\r\n", i)
+		_, err := log.WriteString(line)
+		must.NoError(t, err)
+		want.WriteString(fmt.Sprintf("line %d\n", i))
+		time.Sleep(10 * time.Millisecond)
+	}
+	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, <-done)
+	must.EqOp(t, want.String(), got())
+	must.StrContains(t, warnings.String(), "no inotify instance left (too many open files): the machines' instances all count against root's fs.inotify.max_user_instances; looking for new output every 100ms instead")
 }
 
 // A stopped forwarder saves its offset; the next one delivers the rest, nothing twice.

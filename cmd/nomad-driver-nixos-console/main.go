@@ -25,7 +25,7 @@ func main() {
 	// memory limit near that size makes the collector run all the time: GOGC alone.)
 	debug.SetGCPercent(25)
 
-	var fw console.Forwarder
+	fw := console.Forwarder{Warnings: os.Stderr}
 	var backlog string
 	flag.StringVar(&fw.Dir, "dir", "", "the machine directory, holding "+console.LogName)
 	flag.StringVar(&fw.FIFO, "fifo", "", "Nomad's stdout log FIFO")
