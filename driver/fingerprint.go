@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -108,6 +109,9 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 		return fp
 	}
 	warnings := d.networkWarnings(ctx, fp)
+	if w := inotifyWarning(fp); w != "" {
+		warnings = append(warnings, w)
+	}
 	if bridge != "" {
 		warnings = append(warnings, "bridge mode unavailable: "+bridge)
 	}
@@ -115,6 +119,34 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 		fp.HealthDescription += "; warning: " + strings.Join(warnings, "; ")
 	}
 	return fp
+}
+
+// Inotify instances a machine takes from root's fs.inotify.max_user_instances: those of a user
+// namespace count against its owner's, so a NixOS guest's systemd (5), D-Bus and logind (1 each)
+// do, and its console forwarder (1).
+const (
+	nixosInotifyInstances = 8
+	// minInotifyInstances is where the warning stops: 128 machines of that kind.
+	minInotifyInstances = 128 * nixosInotifyInstances
+)
+
+// inotifyWarning reports a limit of inotify instances that holds few machines: a guest that finds
+// none left runs degraded (its path units fail), and the kernel's default (128) holds fewer than 16.
+func inotifyWarning(fp *drivers.Fingerprint) string {
+	b, err := os.ReadFile("/proc/sys/fs/inotify/max_user_instances")
+	if err != nil {
+		return ""
+	}
+	limit, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return ""
+	}
+	fp.Attributes[attrPrefix+"inotify_instances"] = structs.NewIntAttribute(int64(limit), "")
+	if limit >= minInotifyInstances {
+		return ""
+	}
+	return fmt.Sprintf("fs.inotify.max_user_instances is %d, and each NixOS machine takes about %d of root's, so about %d fit; raise it to %d or more (sysctl, or example/modules/host.nix on NixOS)",
+		limit, nixosInotifyInstances, limit/nixosInotifyInstances, minInotifyInstances)
 }
 
 // networkWarnings reports what keeps veth machines from reaching beyond the host: IP

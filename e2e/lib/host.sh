@@ -166,12 +166,19 @@ cg_remove() {
 # NAME of its own in these hierarchies, so hosts on one machine stay out of each other's trees.
 HOST_TREES=(systemd unified)
 
+# The hosts share this machine's kernel, and every inotify instance of their machines counts
+# against root's: the kernel's default of 128 holds fewer than 16 NixOS machines, 100 tiny ones barely.
+HOST_INOTIFY_INSTANCES=8192
+
 # host_start DIR CGROUP CONTROLLERS NSPAWN-ARGS...: boot a host in the background. CONTROLLERS
 # (space-separated) are bound to /run/hostcg/<controller> for host_setup_cgroups.
 host_start() {
 	local dir=$1 cg=$2 controllers=$3 c
 	shift 3
 	local args=("$@")
+	if (($(cat /proc/sys/fs/inotify/max_user_instances) < HOST_INOTIFY_INSTANCES)); then
+		echo "$HOST_INOTIFY_INSTANCES" >/proc/sys/fs/inotify/max_user_instances
+	fi
 	# shellcheck disable=SC2086 # one controller a word
 	cg_create "$cg" $controllers "${HOST_TREES[@]}"
 	for c in $controllers; do

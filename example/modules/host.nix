@@ -97,6 +97,10 @@ in
     # the driver's masquerading.
     boot.kernel.sysctl."net.ipv4.ip_forward" = lib.mkDefault 1;
     boot.kernel.sysctl."net.ipv6.conf.all.forwarding" = lib.mkDefault 1;
+    # The inotify instances of every machine count against root's: a NixOS
+    # guest takes about 8 (systemd, D-Bus, logind, its console forwarder),
+    # and the kernel's default of 128 holds fewer than 16 machines.
+    boot.kernel.sysctl."fs.inotify.max_user_instances" = lib.mkDefault 8192;
     # Other network managers must leave the driver's links alone.
     networking.dhcpcd.denyInterfaces = [ "vn-*" ];
     networking.networkmanager.unmanaged = [ "interface-name:vn-*" ];
