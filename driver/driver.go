@@ -95,6 +95,8 @@ type Driver struct {
 	// stopGC ends the garbage collector of imp.
 	stopGC context.CancelFunc
 
+	stats statsRounds
+
 	// addrMu serialises address allocation.
 	addrMu sync.Mutex
 	// reconciled makes the first enabled config clean up after machines that are gone.

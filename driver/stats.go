@@ -6,6 +6,7 @@ package driver
 import (
 	"context"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/nomad/client/lib/cpustats"
@@ -20,9 +21,8 @@ var (
 )
 
 // TaskStats samples the machine's unit cgroup: first at once, then at each multiple of
-// interval (since the epoch), until the machine ends or ctx does. Nomad asks for every task's
-// stats at one interval: the tasks' samples fall together, and the plugin wakes once an
-// interval for all of them, not once for each.
+// interval (since the epoch), until the machine ends or ctx does. A reader that has not taken a
+// sample when the next is taken gets the newer one.
 func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Duration) (<-chan *drivers.TaskResourceUsage, error) {
 	h, ok := d.tasks.get(taskID)
 	if !ok {
@@ -34,53 +34,117 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 	d.mu.RLock()
 	compute := d.compute
 	d.mu.RUnlock()
-	ch := make(chan *drivers.TaskResourceUsage)
+	s := &statsStream{
+		h:     h,
+		ch:    make(chan *drivers.TaskResourceUsage, 1),
+		total: cpustats.New(compute), user: cpustats.New(compute), system: cpustats.New(compute),
+	}
+	d.stats.add(s, interval)
 	go func() {
-		defer close(ch)
-		total, user, system := cpustats.New(compute), cpustats.New(compute), cpustats.New(compute)
-		timer := time.NewTimer(0)
-		defer timer.Stop()
-		var sampler *cgroupfs.Sampler
-		defer func() {
-			if sampler != nil {
-				sampler.Close()
-			}
-		}()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-h.doneCh:
-				return
-			case <-timer.C:
-				timer.Reset(untilNextSample(time.Now(), interval))
-			}
-			h.mu.RLock()
-			cg := h.cgroupPath
-			h.mu.RUnlock()
-			if cg == "" {
-				continue
-			}
-			if sampler == nil {
-				sampler = h.cgroups.Sampler(cg)
-			}
-			u, err := sampler.Read()
-			if err != nil {
-				if !cgroupfs.IsGone(err) {
-					h.logger.Debug("reading machine cgroup", "error", err)
-				}
-				continue
-			}
-			select {
-			case ch <- usage(u, total, user, system):
-			case <-ctx.Done():
-				return
-			case <-h.doneCh:
-				return
-			}
+		select {
+		case <-ctx.Done():
+		case <-h.doneCh:
 		}
+		d.stats.remove(s, interval)
 	}()
-	return ch, nil
+	return s.ch, nil
+}
+
+// statsRounds samples the streams of all tasks at one interval together, one after another on
+// one goroutine. Nomad asks for every task's stats at one interval, so the plugin wakes once an
+// interval, not once for each task, and the Go scheduler has no other goroutines to run beside
+// a cgroup read, so it has no reason to hand the reader's processor to another thread.
+type statsRounds struct {
+	mu     sync.Mutex
+	rounds map[time.Duration]map[*statsStream]struct{}
+}
+
+// statsStream is the stream of one TaskStats call.
+type statsStream struct {
+	h                   *taskHandle
+	ch                  chan *drivers.TaskResourceUsage
+	sampler             *cgroupfs.Sampler
+	total, user, system *cpustats.Tracker
+}
+
+// add takes the stream's first sample and makes it one of interval's round.
+func (r *statsRounds) add(s *statsStream, interval time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s.sample()
+	if r.rounds == nil {
+		r.rounds = map[time.Duration]map[*statsStream]struct{}{}
+	}
+	streams, ok := r.rounds[interval]
+	if !ok {
+		streams = map[*statsStream]struct{}{}
+		r.rounds[interval] = streams
+		go r.run(interval)
+	}
+	streams[s] = struct{}{}
+}
+
+// remove ends the stream.
+func (r *statsRounds) remove(s *statsStream, interval time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.rounds[interval], s)
+	close(s.ch)
+	if s.sampler != nil {
+		s.sampler.Close()
+	}
+}
+
+// run samples interval's streams at each multiple of it, until none is left.
+func (r *statsRounds) run(interval time.Duration) {
+	timer := time.NewTimer(untilNextSample(time.Now(), interval))
+	defer timer.Stop()
+	for range timer.C {
+		r.mu.Lock()
+		streams := r.rounds[interval]
+		if len(streams) == 0 {
+			delete(r.rounds, interval)
+			r.mu.Unlock()
+			return
+		}
+		for s := range streams {
+			s.sample()
+		}
+		r.mu.Unlock()
+		timer.Reset(untilNextSample(time.Now(), interval))
+	}
+}
+
+// sample reads the machine's cgroup, once the machine has one, and hands the usage to the
+// reader, in place of a sample it has not taken.
+func (s *statsStream) sample() {
+	s.h.mu.RLock()
+	cg := s.h.cgroupPath
+	s.h.mu.RUnlock()
+	if cg == "" {
+		return
+	}
+	if s.sampler == nil {
+		s.sampler = s.h.cgroups.Sampler(cg)
+	}
+	u, err := s.sampler.Read()
+	if err != nil {
+		if !cgroupfs.IsGone(err) {
+			s.h.logger.Debug("reading machine cgroup", "error", err)
+		}
+		return
+	}
+	next := usage(u, s.total, s.user, s.system)
+	select {
+	case s.ch <- next:
+	default:
+		// Only this round sends, so once the old sample is out the send cannot block.
+		select {
+		case <-s.ch:
+		default:
+		}
+		s.ch <- next
+	}
 }
 
 // untilNextSample is the time from now to the next multiple of interval since the epoch.
