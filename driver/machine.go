@@ -152,9 +152,21 @@ func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nsp
 	if err := m.mgr.Start(ctx, spec); err != nil {
 		return nspawn.UnitStatus{}, err
 	}
-	if err := m.mgr.StartUnit(ctx, m.consoleUnit(), fw.UnitProperties(m.unit())); err != nil {
-		return nspawn.UnitStatus{}, fmt.Errorf("starting the console forwarder: %w", err)
+	// systemd answers the forwarder's start once it has set the machine's unit going, which
+	// need not hold up the wait for the machine. Awaited on every return, so a rollback finds
+	// the forwarder's unit.
+	fwStarted := make(chan error, 1)
+	go func() { fwStarted <- m.mgr.StartUnit(ctx, m.consoleUnit(), fw.UnitProperties(m.unit())) }()
+	st, err := m.awaitRegistration(ctx, changed, registered, link)
+	if fwErr := <-fwStarted; fwErr != nil && err == nil {
+		return st, fmt.Errorf("starting the console forwarder: %w", fwErr)
 	}
+	return st, err
+}
+
+// awaitRegistration returns once machined registered the machine, with its link addressed, or
+// the machine already ended.
+func (m *machine) awaitRegistration(ctx context.Context, changed, registered <-chan struct{}, link *machineLink) (nspawn.UnitStatus, error) {
 	deadline := time.Now().Add(registerTimeout)
 	for {
 		st, err := m.mgr.Status(ctx, m.unit())
@@ -203,12 +215,18 @@ func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nsp
 // remove deletes everything the machine consists of. It refuses a unit of the machine's name
 // that belongs to another allocation.
 func (m *machine) remove(ctx context.Context) error {
-	st, err := m.mgr.Status(ctx, m.unit())
+	known, err := m.mgr.Known(ctx, m.unit())
 	if err != nil {
 		return err
 	}
-	if st.Loaded() && !strings.Contains(st.Description, m.allocID) {
-		return fmt.Errorf("unit %s belongs to another allocation (%q), not touching it", m.unit(), st.Description)
+	if known {
+		st, err := m.mgr.Status(ctx, m.unit())
+		if err != nil {
+			return err
+		}
+		if st.Loaded() && !strings.Contains(st.Description, m.allocID) {
+			return fmt.Errorf("unit %s belongs to another allocation (%q), not touching it", m.unit(), st.Description)
+		}
 	}
 	for _, u := range []string{m.unit(), m.consoleUnit()} {
 		if err := m.mgr.Remove(ctx, u); err != nil {

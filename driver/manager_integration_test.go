@@ -48,3 +48,16 @@ func TestManagerManyCallsAtOnce(t *testing.T) {
 		must.NoError(t, err)
 	}
 }
+
+// Known answers from what systemd holds: a running unit is known, a name it never loaded is not.
+func TestManagerKnown(t *testing.T) {
+	mgr := nspawn.NewManager()
+	defer mgr.Close()
+	ctx := context.Background()
+	known, err := mgr.Known(ctx, "systemd-journald.service")
+	must.NoError(t, err)
+	must.True(t, known)
+	known, err = mgr.Known(ctx, "nomad-never-loaded.service")
+	must.NoError(t, err)
+	must.False(t, known)
+}

@@ -297,6 +297,29 @@ func (m *Manager) properties(ctx context.Context, unit string, reads []propertyR
 	return first
 }
 
+// Known tells whether systemd holds the unit, without making it look for one: a read of a
+// property of a unit it does not hold makes it search its unit directories first, which a
+// Status of such a unit does a dozen times.
+func (m *Manager) Known(ctx context.Context, unit string) (bool, error) {
+	conn, err := m.bus()
+	if err != nil {
+		return false, err
+	}
+	release, err := m.call(ctx, 1)
+	if err != nil {
+		return false, err
+	}
+	defer release()
+	err = conn.Object(systemdBusName, "/org/freedesktop/systemd1").CallWithContext(ctx, systemdBusName+".Manager.GetUnit", 0, unit).Err
+	if isNoSuchUnit(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("looking up unit %s: %w", unit, err)
+	}
+	return true, nil
+}
+
 // Kill sends sig to the unit's main process (nspawn) or to all of its processes.
 func (m *Manager) Kill(ctx context.Context, unit string, all bool, sig syscall.Signal) error {
 	c, err := m.sd()
@@ -318,6 +341,9 @@ func (m *Manager) Kill(ctx context.Context, unit string, all bool, sig syscall.S
 // Remove stops the unit if it runs, kills what is left, and unloads it (reset-failed), so its name
 // is free again. It succeeds when there is no such unit.
 func (m *Manager) Remove(ctx context.Context, unit string) error {
+	if known, err := m.Known(ctx, unit); err != nil || !known {
+		return err
+	}
 	c, err := m.sd()
 	if err != nil {
 		return err
