@@ -77,8 +77,8 @@ func BenchmarkUnitStatus(b *testing.B) {
 	must.NoError(b, err)
 	defer sd.Close()
 	twelve := []struct{ iface, name string }{
-		{"Unit", "LoadState"}, {"Unit", "ActiveState"}, {"Unit", "SubState"}, {"Unit", "Description"},
-		{"Unit", "InvocationID"}, {"Unit", "ActiveEnterTimestampMonotonic"}, {"Service", "Result"},
+		{"Unit", "LoadState"}, {"Unit", "InvocationID"}, {"Unit", "ActiveState"}, {"Unit", "SubState"},
+		{"Unit", "Description"}, {"Unit", "ActiveEnterTimestampMonotonic"}, {"Service", "Result"},
 		{"Service", "ControlGroup"}, {"Service", "MainPID"}, {"Service", "ExecMainCode"},
 		{"Service", "ExecMainStatus"}, {"Unit", "LoadState"},
 	}

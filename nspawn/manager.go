@@ -219,9 +219,11 @@ func (m *Manager) SetAllowedCPUs(ctx context.Context, unit, cpus string) error {
 // It reads the dozen properties it needs, not GetAll, which returns a few hundred that cost
 // systemd and the plugin far more to encode and decode (about 2.5 ms of the plugin's CPU for the
 // two interfaces). The reads go out together and systemd answers a connection's calls in order,
-// so they cost one round trip and keep their order: the unit's state is read before the
-// service's exit status, so a state that says the unit ended comes with the exit status it ended
-// with; and LoadState last again, since an ended unit may be unloaded meanwhile, and what is
+// so they cost one round trip and keep their order, though systemd may run a job between two of
+// them. The invocation is read before the state, so a started invocation and a state that says
+// the unit is not running mean it ended, not that its start job had yet to run; the state before
+// the service's exit status, so a state that says the unit ended comes with the exit status it
+// ended with; and LoadState last again, since an ended unit may be unloaded meanwhile, and what is
 // read after that is a new, empty unit of the name.
 func (m *Manager) Status(ctx context.Context, unit string) (UnitStatus, error) {
 	var u UnitStatus
@@ -230,10 +232,10 @@ func (m *Manager) Status(ctx context.Context, unit string) (UnitStatus, error) {
 	var activeEntered uint64
 	err := m.properties(ctx, unit, []propertyRead{
 		{"Unit", "LoadState", &u.LoadState},
+		{"Unit", "InvocationID", &invocation},
 		{"Unit", "ActiveState", &u.ActiveState},
 		{"Unit", "SubState", &u.SubState},
 		{"Unit", "Description", &u.Description},
-		{"Unit", "InvocationID", &invocation},
 		{"Unit", "ActiveEnterTimestampMonotonic", &activeEntered},
 		{"Service", "Result", &u.Result},
 		{"Service", "ControlGroup", &u.ControlGroup},
