@@ -304,18 +304,9 @@ func (d *Driver) start(m *machine, cfg *drivers.TaskConfig, tc TaskConfig, opts 
 		link = &machineLink{veth: hostnet.NewVeth(m.name, addr), forwards: fwds, pools: pc.pools.list()}
 		network = driverNetwork(addr, portMap)
 	}
-	d.mu.RLock()
-	fw := nspawn.Forwarder{
-		Helper:     d.consoleHelper,
-		MachineDir: m.dir,
-		FIFO:       orDevNull(cfg.StdoutPath),
-		StderrFIFO: orDevNull(cfg.StderrPath),
-		Backlog:    pc.consoleBacklog,
-	}
-	d.mu.RUnlock()
 	ctx, cancel := context.WithTimeout(d.ctx, registerTimeout+time.Minute)
 	defer cancel()
-	st, err := m.launch(ctx, cfg, spec, opts.credentials, link, fw)
+	st, err := m.launch(ctx, cfg, spec, opts.credentials, link)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -348,8 +339,16 @@ func (d *Driver) start(m *machine, cfg *drivers.TaskConfig, tc TaskConfig, opts 
 // track creates the handle of a started or recovered machine and starts following it.
 // reported says whether readiness was already reported (by the plugin before a restart).
 func (d *Driver) track(m *machine, cfg *drivers.TaskConfig, state TaskState, readyTimeout time.Duration, reported bool) error {
+	pc := d.pluginConfig()
 	d.mu.RLock()
 	cgroups := d.cgroups
+	fw := nspawn.Forwarder{
+		Helper:     d.consoleHelper,
+		MachineDir: m.dir,
+		FIFO:       orDevNull(cfg.StdoutPath),
+		StderrFIFO: orDevNull(cfg.StderrPath),
+		Backlog:    pc.consoleBacklog,
+	}
 	d.mu.RUnlock()
 	ctx, cancel := context.WithCancel(d.ctx)
 	h := &taskHandle{
@@ -363,6 +362,7 @@ func (d *Driver) track(m *machine, cfg *drivers.TaskConfig, state TaskState, rea
 		state:          state,
 		readyTimeout:   readyTimeout,
 		ready:          reported,
+		forwarder:      fw,
 		doneCh:         make(chan struct{}),
 		cancel:         cancel,
 	}
@@ -501,6 +501,7 @@ func (d *Driver) DestroyTask(taskID string, force bool) error {
 			return errors.New("cannot destroy a running task without force")
 		}
 		h.cancel()
+		h.endForwarding()
 		m = h.m
 	} else {
 		allocID, task, err := taskOfID(taskID)

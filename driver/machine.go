@@ -102,10 +102,10 @@ func (l *machineLink) describe() string {
 	return fmt.Sprintf("machine address %s on %s (host side %s)", strings.Join(addrs, ", "), hostnet.GuestInterface, l.veth.Host)
 }
 
-// launch prepares the root and starts the unit and its console forwarder, returning once
-// machined registered the machine or the machine already ended (a guest may finish in
-// milliseconds; its exit is reported by WaitTask).
-func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspawn.Spec, creds []nspawn.CredentialSource, link *machineLink, fw nspawn.Forwarder) (nspawn.UnitStatus, error) {
+// launch prepares the root and starts the unit, returning once machined registered the machine
+// or the machine already ended (a guest may finish in milliseconds; its exit is reported by
+// WaitTask). The handle starts the console forwarder later (see forwarderDelay).
+func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nspawn.Spec, creds []nspawn.CredentialSource, link *machineLink) (nspawn.UnitStatus, error) {
 	if err := nspawn.PrepareRoot(spec.Root); err != nil {
 		return nspawn.UnitStatus{}, err
 	}
@@ -152,21 +152,6 @@ func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nsp
 	if err := m.mgr.Start(ctx, spec); err != nil {
 		return nspawn.UnitStatus{}, err
 	}
-	// systemd answers the forwarder's start once it has set the machine's unit going, which
-	// need not hold up the wait for the machine. Awaited on every return, so a rollback finds
-	// the forwarder's unit.
-	fwStarted := make(chan error, 1)
-	go func() { fwStarted <- m.mgr.StartUnit(ctx, m.consoleUnit(), fw.UnitProperties(m.unit())) }()
-	st, err := m.awaitRegistration(ctx, changed, registered, link)
-	if fwErr := <-fwStarted; fwErr != nil && err == nil {
-		return st, fmt.Errorf("starting the console forwarder: %w", fwErr)
-	}
-	return st, err
-}
-
-// awaitRegistration returns once machined registered the machine, with its link addressed, or
-// the machine already ended.
-func (m *machine) awaitRegistration(ctx context.Context, changed, registered <-chan struct{}, link *machineLink) (nspawn.UnitStatus, error) {
 	deadline := time.Now().Add(registerTimeout)
 	for {
 		st, err := m.mgr.Status(ctx, m.unit())

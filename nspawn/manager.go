@@ -408,6 +408,12 @@ func (m *Manager) Remove(ctx context.Context, unit string) error {
 	}
 }
 
+// IsUnitExists tells a start refused because a unit of the name is loaded already.
+func IsUnitExists(err error) bool {
+	var e dbus.Error
+	return errors.As(err, &e) && e.Name == "org.freedesktop.systemd1.UnitExists"
+}
+
 func isNoSuchUnit(err error) bool {
 	var e dbus.Error
 	return errors.As(err, &e) && e.Name == "org.freedesktop.systemd1.NoSuchUnit"
