@@ -70,12 +70,8 @@ func TestForward_EndedMachine(t *testing.T) {
 
 // A forwarder follows the log as it grows and ends once the end is marked and all is delivered.
 func TestForward_Follows(t *testing.T) {
-	dir, fifo, got := setup(t, "")
-	done := make(chan error, 1)
-	go func() { done <- run(t, &Forwarder{Dir: dir, FIFO: fifo, Backlog: 1 << 30}) }()
-	log, err := os.OpenFile(Files{dir}.Log(), os.O_APPEND|os.O_WRONLY, 0)
-	must.NoError(t, err)
-	defer log.Close()
+	fw := &Forwarder{}
+	log, done, got := following(t, fw)
 	var want strings.Builder
 	for i := range 2000 {
 		line := fmt.Sprintf("line %d\r\n", i)
@@ -95,9 +91,23 @@ func TestForward_Follows(t *testing.T) {
 		t.Fatalf("forwarder ended before the machine did: %v", err)
 	case <-time.After(300 * time.Millisecond):
 	}
-	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, MarkEnd(fw.Dir))
 	must.NoError(t, <-done)
 	must.EqOp(t, want.String(), got())
+}
+
+// following runs fw on an empty log and returns the log to append to, the forwarder's end and
+// what the FIFO's reader got.
+func following(t *testing.T, fw *Forwarder) (log *os.File, done <-chan error, got func() string) {
+	t.Helper()
+	dir, fifo, got := setup(t, "")
+	fw.Dir, fw.FIFO, fw.Backlog = dir, fifo, 1<<30
+	ended := make(chan error, 1)
+	go func() { ended <- run(t, fw) }()
+	log, err := os.OpenFile(Files{dir}.Log(), os.O_APPEND|os.O_WRONLY, 0)
+	must.NoError(t, err)
+	t.Cleanup(func() { log.Close() })
+	return log, ended, got
 }
 
 // With no inotify instance left (machines' instances all count against root's), the forwarder
@@ -118,13 +128,9 @@ func TestForward_WithoutInotify(t *testing.T) {
 		return
 	}
 	must.NoError(t, os.WriteFile("/proc/sys/user/max_inotify_instances", []byte("0"), 0))
-	dir, fifo, got := setup(t, "")
 	var warnings bytes.Buffer
-	done := make(chan error, 1)
-	go func() { done <- run(t, &Forwarder{Dir: dir, FIFO: fifo, Backlog: 1 << 30, Warnings: &warnings}) }()
-	log, err := os.OpenFile(Files{dir}.Log(), os.O_APPEND|os.O_WRONLY, 0)
-	must.NoError(t, err)
-	defer log.Close()
+	fw := &Forwarder{Warnings: &warnings}
+	log, done, got := following(t, fw)
 	var want strings.Builder
 	for i := range 50 {
 		line := fmt.Sprintf("line %d\r\n", i)
@@ -133,7 +139,7 @@ func TestForward_WithoutInotify(t *testing.T) {
 		want.WriteString(fmt.Sprintf("line %d\n", i))
 		time.Sleep(10 * time.Millisecond)
 	}
-	must.NoError(t, MarkEnd(dir))
+	must.NoError(t, MarkEnd(fw.Dir))
 	must.NoError(t, <-done)
 	must.EqOp(t, want.String(), got())
 	must.StrContains(t, warnings.String(), "no inotify instance left (too many open files): the machines' instances all count against root's fs.inotify.max_user_instances; looking for new output every 100ms instead")
