@@ -268,6 +268,7 @@ func servePlugin(b *testing.B, binary string) servedPlugin {
 		b.Fatal(err)
 	}
 	d := raw.(drivers.DriverPlugin)
+	b.Cleanup(client.Kill)
 	dataDir := b.TempDir()
 	var cfg []byte
 	must.NoError(b, base.MsgPackEncode(&cfg, &PluginConfig{Enabled: true, DataDir: dataDir, Slice: defaultSlice, TasksMax: defaultTasksMax,

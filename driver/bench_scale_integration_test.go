@@ -112,8 +112,14 @@ func benchTasks(b *testing.B, toplevel, name string, n int) []*drivers.TaskConfi
 	return tasks
 }
 
-// startAtOnce starts the tasks at once and returns how long until all were READY.
+// startAtOnce starts the tasks at once and returns how long until all were READY. A benchmark
+// that fails before it destroyed them destroys them as it ends, so no machine outlives it.
 func startAtOnce(b *testing.B, d drivers.DriverPlugin, ready *readiness, tasks []*drivers.TaskConfig, timeout time.Duration) time.Duration {
+	b.Cleanup(func() {
+		if b.Failed() {
+			_ = atOnce(tasks, func(task *drivers.TaskConfig) error { return d.DestroyTask(task.ID, true) })
+		}
+	})
 	t0 := time.Now()
 	must.NoError(b, atOnce(tasks, func(task *drivers.TaskConfig) error {
 		if _, _, err := d.StartTask(task); err != nil {
