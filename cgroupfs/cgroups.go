@@ -9,13 +9,14 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -172,14 +173,32 @@ func (s *Sampler) readOptional(path string) ([]byte, error) {
 // kernel's generated files (seq_file) fill a read up to its size.
 func (s *Sampler) readAll(f *os.File) ([]byte, error) {
 	for {
-		n, err := f.ReadAt(s.buf, 0)
+		n, err := readFromStart(f, s.buf)
+		if err != nil {
+			return nil, err
+		}
 		if n < len(s.buf) {
-			if err != nil && !errors.Is(err, io.EOF) {
-				return nil, err
-			}
 			return s.buf[:n], nil
 		}
 		s.buf = make([]byte, 2*len(s.buf))
+	}
+}
+
+// readFromStart reads f from offset 0 in a raw system call. The kernel makes cgroup and /proc
+// files in memory, so a read never blocks; through the runtime's system call path, Go hands the
+// reader's processor to another thread whenever a read outlasts a tick of its monitor (20 µs),
+// and a hundred machines' samples make five hundred such reads a second.
+func readFromStart(f *os.File, b []byte) (int, error) {
+	for {
+		n, _, errno := unix.RawSyscall6(unix.SYS_PREAD64, f.Fd(), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), 0, 0, 0)
+		runtime.KeepAlive(f)
+		switch errno {
+		case 0:
+			return int(n), nil
+		case unix.EINTR:
+		default:
+			return 0, &os.PathError{Op: "read", Path: f.Name(), Err: errno}
+		}
 	}
 }
 

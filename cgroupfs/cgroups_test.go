@@ -390,3 +390,16 @@ func writeFiles(t *testing.T, dir string, files map[string]string) {
 		must.NoError(t, os.WriteFile(p, []byte(content), 0o644))
 	}
 }
+
+// A failed read names the file and keeps the kernel's error.
+func TestReadFromStart_Error(t *testing.T) {
+	dir := t.TempDir()
+	f, err := os.Open(dir)
+	must.NoError(t, err)
+	defer f.Close()
+	_, err = readFromStart(f, make([]byte, 16))
+	var pe *os.PathError
+	must.ErrorAs(t, err, &pe)
+	must.EqOp(t, dir, pe.Path)
+	must.ErrorIs(t, err, syscall.EISDIR)
+}

@@ -71,7 +71,9 @@ type statsStream struct {
 func (r *statsRounds) add(s *statsStream, interval time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	s.sample()
+	if u := s.take(); u != nil {
+		s.deliver(u)
+	}
 	if r.rounds == nil {
 		r.rounds = map[time.Duration]map[*statsStream]struct{}{}
 	}
@@ -95,10 +97,13 @@ func (r *statsRounds) remove(s *statsStream, interval time.Duration) {
 	}
 }
 
-// run samples interval's streams at each multiple of it, until none is left.
+// run samples interval's streams at each multiple of it, until none is left. It takes all
+// samples before it hands any out, so the readers (Nomad's gRPC streams) run in one burst after
+// the cgroup reads, not once between every two of them.
 func (r *statsRounds) run(interval time.Duration) {
 	timer := time.NewTimer(untilNextSample(time.Now(), interval))
 	defer timer.Stop()
+	var round []taken
 	for range timer.C {
 		r.mu.Lock()
 		streams := r.rounds[interval]
@@ -107,22 +112,34 @@ func (r *statsRounds) run(interval time.Duration) {
 			r.mu.Unlock()
 			return
 		}
+		round = round[:0]
 		for s := range streams {
-			s.sample()
+			if u := s.take(); u != nil {
+				round = append(round, taken{s, u})
+			}
 		}
+		for _, t := range round {
+			t.s.deliver(t.u)
+		}
+		clear(round)
 		r.mu.Unlock()
 		timer.Reset(untilNextSample(time.Now(), interval))
 	}
 }
 
-// sample reads the machine's cgroup, once the machine has one, and hands the usage to the
-// reader, in place of a sample it has not taken.
-func (s *statsStream) sample() {
+// taken is a stream's sample of a round, not yet handed out.
+type taken struct {
+	s *statsStream
+	u *drivers.TaskResourceUsage
+}
+
+// take reads the machine's cgroup, once the machine has one.
+func (s *statsStream) take() *drivers.TaskResourceUsage {
 	s.h.mu.RLock()
 	cg := s.h.cgroupPath
 	s.h.mu.RUnlock()
 	if cg == "" {
-		return
+		return nil
 	}
 	if s.sampler == nil {
 		s.sampler = s.h.cgroups.Sampler(cg)
@@ -132,9 +149,13 @@ func (s *statsStream) sample() {
 		if !cgroupfs.IsGone(err) {
 			s.h.logger.Debug("reading machine cgroup", "error", err)
 		}
-		return
+		return nil
 	}
-	next := usage(u, s.total, s.user, s.system)
+	return usage(u, s.total, s.user, s.system)
+}
+
+// deliver hands a sample to the reader, in place of one it has not taken.
+func (s *statsStream) deliver(next *drivers.TaskResourceUsage) {
 	select {
 	case s.ch <- next:
 	default:
