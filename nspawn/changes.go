@@ -119,8 +119,11 @@ func (c *changes) connect() (<-chan *dbus.Signal, error) {
 	signals := make(chan *dbus.Signal, 256)
 	conn.Signal(signals)
 	for _, match := range [][]dbus.MatchOption{
+		// systemd signals a unit's change twice, for its type's interface (Service, ...) and
+		// then for Unit: Unit's alone wakes a waiter once both are done, at half the messages.
 		{dbus.WithMatchSender(systemdBusName), dbus.WithMatchInterface("org.freedesktop.DBus.Properties"),
-			dbus.WithMatchMember("PropertiesChanged"), dbus.WithMatchPathNamespace(dbus.ObjectPath(unitPathPrefix[:len(unitPathPrefix)-1]))},
+			dbus.WithMatchMember("PropertiesChanged"), dbus.WithMatchPathNamespace(dbus.ObjectPath(unitPathPrefix[:len(unitPathPrefix)-1])),
+			dbus.WithMatchArg(0, systemdBusName+".Unit")},
 		{dbus.WithMatchSender(systemdBusName), dbus.WithMatchInterface(systemdBusName + ".Manager"), dbus.WithMatchMember("UnitRemoved")},
 		{dbus.WithMatchSender(machinedBus), dbus.WithMatchInterface(machinedBus + ".Manager"), dbus.WithMatchMember("MachineNew")},
 		{dbus.WithMatchSender(machinedBus), dbus.WithMatchInterface(machinedBus + ".Manager"), dbus.WithMatchMember("MachineRemoved")},
