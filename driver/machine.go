@@ -200,18 +200,12 @@ func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nsp
 // remove deletes everything the machine consists of. It refuses a unit of the machine's name
 // that belongs to another allocation.
 func (m *machine) remove(ctx context.Context) error {
-	known, err := m.mgr.Known(ctx, m.unit())
+	st, err := m.mgr.Status(ctx, m.unit())
 	if err != nil {
 		return err
 	}
-	if known {
-		st, err := m.mgr.Status(ctx, m.unit())
-		if err != nil {
-			return err
-		}
-		if st.Loaded() && !strings.Contains(st.Description, m.allocID) {
-			return fmt.Errorf("unit %s belongs to another allocation (%q), not touching it", m.unit(), st.Description)
-		}
+	if st.Loaded() && !strings.Contains(st.Description, m.allocID) {
+		return fmt.Errorf("unit %s belongs to another allocation (%q), not touching it", m.unit(), st.Description)
 	}
 	for _, u := range []string{m.unit(), m.consoleUnit()} {
 		if err := m.mgr.Remove(ctx, u); err != nil {

@@ -214,7 +214,10 @@ func (m *Manager) SetAllowedCPUs(ctx context.Context, unit, cpus string) error {
 	return nil
 }
 
-// Status reads the unit's state. A unit systemd does not know has LoadState "not-found".
+// Status reads the unit's state. A unit systemd does not hold has LoadState "not-found": the
+// driver's units are transient, so one it does not hold is gone. Status asks first, as a read of
+// a property of such a unit makes systemd load one, search its unit directories and unload it
+// again, each signalled to every subscriber, for each of the dozen reads.
 //
 // It reads the dozen properties it needs, not GetAll, which returns a few hundred that cost
 // systemd and the plugin far more to encode and decode (about 2.5 ms of the plugin's CPU for the
@@ -226,11 +229,18 @@ func (m *Manager) SetAllowedCPUs(ctx context.Context, unit, cpus string) error {
 // ended with; and LoadState last again, since an ended unit may be unloaded meanwhile, and what is
 // read after that is a new, empty unit of the name.
 func (m *Manager) Status(ctx context.Context, unit string) (UnitStatus, error) {
+	known, err := m.Known(ctx, unit)
+	if err != nil {
+		return UnitStatus{}, err
+	}
+	if !known {
+		return UnitStatus{LoadState: "not-found"}, nil
+	}
 	var u UnitStatus
 	var loadAfter string
 	var invocation []byte
 	var activeEntered uint64
-	err := m.properties(ctx, unit, []propertyRead{
+	err = m.properties(ctx, unit, []propertyRead{
 		{"Unit", "LoadState", &u.LoadState},
 		{"Unit", "InvocationID", &invocation},
 		{"Unit", "ActiveState", &u.ActiveState},
@@ -299,9 +309,7 @@ func (m *Manager) properties(ctx context.Context, unit string, reads []propertyR
 	return first
 }
 
-// Known tells whether systemd holds the unit, without making it look for one: a read of a
-// property of a unit it does not hold makes it search its unit directories first, which a
-// Status of such a unit does a dozen times.
+// Known tells whether systemd holds the unit, without making it look for one.
 func (m *Manager) Known(ctx context.Context, unit string) (bool, error) {
 	conn, err := m.bus()
 	if err != nil {
@@ -343,9 +351,6 @@ func (m *Manager) Kill(ctx context.Context, unit string, all bool, sig syscall.S
 // Remove stops the unit if it runs, kills what is left, and unloads it (reset-failed), so its name
 // is free again. It succeeds when there is no such unit.
 func (m *Manager) Remove(ctx context.Context, unit string) error {
-	if known, err := m.Known(ctx, unit); err != nil || !known {
-		return err
-	}
 	c, err := m.sd()
 	if err != nil {
 		return err
