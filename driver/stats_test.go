@@ -51,19 +51,19 @@ func TestStatsRounds(t *testing.T) {
 	r.add(idle, interval)
 	first := <-idle.ch
 	must.EqOp(t, 169308160, first.ResourceUsage.MemoryStats.Usage)
-	var taken []int64
+	var stamps []int64
 	for range 5 {
 		u := <-reader.ch
-		if len(taken) > 0 {
-			must.Greater(t, taken[len(taken)-1], u.Timestamp)
+		if len(stamps) > 0 {
+			must.Greater(t, stamps[len(stamps)-1], u.Timestamp)
 		}
-		taken = append(taken, u.Timestamp)
+		stamps = append(stamps, u.Timestamp)
 	}
 	// The idle stream holds the sample of the reader's last round or of the one before (a
 	// round samples its streams in no set order), so it is newer than the reader's third.
 	newest := <-idle.ch
 	must.Greater(t, first.Timestamp, newest.Timestamp)
-	must.Greater(t, taken[2], newest.Timestamp)
+	must.Greater(t, stamps[2], newest.Timestamp)
 
 	r.remove(reader, interval)
 	r.remove(idle, interval)
