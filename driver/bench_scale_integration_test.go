@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,7 +32,9 @@ const concurrentTasks = 10
 // Ten tasks of the tiny fixture started at once until all are READY, then stopped at once until
 // all are gone (StopTask and DestroyTask), against one task started and stopped alone; and the
 // same for bare systemd-run + nspawn starts and systemctl stops, which show what the host itself
-// allows. All take turns in the same run.
+// allows. All take turns in the same run. Beside the times it reports the CPU the host spent:
+// ten things done at once cannot take less than ten times the CPU of one spread over the host's
+// cores, and systemd (PID 1) does its part of every start and stop on one thread.
 func BenchmarkConcurrency(b *testing.B) {
 	toplevel := fixture(b, "NIXOS_NSPAWN_TINY_TOPLEVEL")
 	d := benchNewDriver(b)
@@ -44,32 +47,82 @@ func BenchmarkConcurrency(b *testing.B) {
 		bareOne.add(bareStartStopAtOnce(b, toplevel, fmt.Sprintf("bareone%d", i), 1))
 		bareMany.add(bareStartStopAtOnce(b, toplevel, fmt.Sprintf("baremany%d", i), concurrentTasks))
 	}
+	cores := float64(runtime.NumCPU())
 	for _, r := range []struct {
 		name      string
 		one, many startStop
 	}{{"driver", one, many}, {"bare", bareOne, bareMany}} {
-		n := time.Duration(b.N)
-		reportMs(b, r.one.start/n, r.name+"-start-1-ms")
-		reportMs(b, r.many.start/n, fmt.Sprintf("%s-start-%d-ms", r.name, concurrentTasks))
-		b.ReportMetric(float64(r.many.start)/float64(r.one.start), fmt.Sprintf("%s-start-%d/1", r.name, concurrentTasks))
-		reportMs(b, r.one.stop/n, r.name+"-stop-1-ms")
-		reportMs(b, r.many.stop/n, fmt.Sprintf("%s-stop-%d-ms", r.name, concurrentTasks))
-		b.ReportMetric(float64(r.many.stop)/float64(r.one.stop), fmt.Sprintf("%s-stop-%d/1", r.name, concurrentTasks))
+		for _, w := range []struct {
+			name      string
+			one, many spent
+		}{{"start", r.one.start, r.many.start}, {"stop", r.one.stop, r.many.stop}} {
+			n := time.Duration(b.N)
+			each := fmt.Sprintf("%s-%s", r.name, w.name)
+			ten := fmt.Sprintf("%s-%d", each, concurrentTasks)
+			reportMs(b, w.one.wall/n, each+"-1-ms")
+			reportMs(b, w.many.wall/n, ten+"-ms")
+			b.ReportMetric(float64(w.many.wall)/float64(w.one.wall), ten+"/1")
+			reportMs(b, w.one.busy/n, each+"-1-CPU-ms")
+			reportMs(b, w.many.busy/n/concurrentTasks, ten+"-CPU-ms/machine")
+			b.ReportMetric(float64(w.many.busy)/float64(w.many.wall), ten+"-cores-busy")
+			b.ReportMetric(float64(w.many.pid1)/float64(w.many.wall), ten+"-systemd-busy")
+		}
+	}
+	// The least time ten bare starts and stops could take, doing ten times the work of one:
+	// spread over these cores, and systemd's part on its one thread however many cores there
+	// were. Not for the driver: its console forwarder starts once the machine is READY, so a
+	// lone task's stop holds that start, and ten starts at once hold the first ones'.
+	for _, w := range []struct {
+		name string
+		one  spent
+	}{{"start", bareOne.start}, {"stop", bareOne.stop}} {
+		ten := fmt.Sprintf("bare-%s-%d", w.name, concurrentTasks)
+		b.ReportMetric(concurrentTasks*float64(w.one.busy)/cores/float64(w.one.wall), ten+"-least/1")
+		b.ReportMetric(concurrentTasks*float64(w.one.pid1)/float64(w.one.wall), ten+"-least-systemd/1")
 	}
 	b.ReportMetric(0, "ns/op")
 }
 
-// startStop sums the times of starts and of stops.
-type startStop struct{ start, stop time.Duration }
+// spent is what a stretch of a benchmark took: its wall time, the CPU time of the whole host and
+// that of systemd (PID 1).
+type spent struct{ wall, busy, pid1 time.Duration }
 
-func (s *startStop) add(start, stop time.Duration) {
-	s.start += start
-	s.stop += stop
+// measure runs f and returns what it took.
+func measure(b *testing.B, f func()) spent {
+	busy, pid1 := hostBusy(b), runTime(b, 1)
+	t0 := time.Now()
+	f()
+	return spent{wall: time.Since(t0), busy: hostBusy(b) - busy, pid1: runTime(b, 1) - pid1}
 }
 
-// bareStartStopAtOnce starts n bare machines at once and returns how long until all were READY,
-// then stops them at once with systemctl stop and returns how long that took.
-func bareStartStopAtOnce(b *testing.B, toplevel, name string, n int) (time.Duration, time.Duration) {
+// hostBusy is the CPU time the host has spent since it booted (user, nice, system, irq and
+// softirq time in /proc/stat, which no namespace hides), in clock ticks (USER_HZ, 100 on Linux).
+func hostBusy(b *testing.B) time.Duration {
+	raw, err := os.ReadFile("/proc/stat")
+	must.NoError(b, err)
+	total, _, _ := strings.Cut(string(raw), "\n")
+	f := strings.Fields(total)
+	must.EqOp(b, "cpu", f[0])
+	var ticks int64
+	for _, field := range []int{1, 2, 3, 6, 7} {
+		n, err := strconv.ParseInt(f[field], 10, 64)
+		must.NoError(b, err)
+		ticks += n
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond
+}
+
+// startStop sums what starts and stops took.
+type startStop struct{ start, stop spent }
+
+func (s *startStop) add(o startStop) {
+	s.start = spent{s.start.wall + o.start.wall, s.start.busy + o.start.busy, s.start.pid1 + o.start.pid1}
+	s.stop = spent{s.stop.wall + o.stop.wall, s.stop.busy + o.stop.busy, s.stop.pid1 + o.stop.pid1}
+}
+
+// bareStartStopAtOnce starts n bare machines at once until all are READY, then stops them at once
+// with systemctl stop, and returns what each took.
+func bareStartStopAtOnce(b *testing.B, toplevel, name string, n int) startStop {
 	names := make([]string, n)
 	roots := make([]string, n)
 	for i := range names {
@@ -77,30 +130,33 @@ func bareStartStopAtOnce(b *testing.B, toplevel, name string, n int) (time.Durat
 		roots[i] = filepath.Join(b.TempDir(), "root")
 		must.NoError(b, nspawn.PrepareRoot(roots[i]))
 	}
-	t0 := time.Now()
-	must.NoError(b, eachAtOnce(n, func(i int) error { return bareStart(names[i], roots[i], toplevel, "--network-veth") }))
-	started := time.Since(t0)
-	t0 = time.Now()
-	must.NoError(b, eachAtOnce(n, func(i int) error {
-		if out, err := exec.Command("systemctl", "stop", names[i]).CombinedOutput(); err != nil {
-			return fmt.Errorf("systemctl stop %s: %w: %s", names[i], err, out)
-		}
-		return nil
-	}))
-	stopped := time.Since(t0)
+	var took startStop
+	took.start = measure(b, func() {
+		must.NoError(b, eachAtOnce(n, func(i int) error { return bareStart(names[i], roots[i], toplevel, "--network-veth") }))
+	})
+	took.stop = measure(b, func() {
+		must.NoError(b, eachAtOnce(n, func(i int) error {
+			if out, err := exec.Command("systemctl", "stop", names[i]).CombinedOutput(); err != nil {
+				return fmt.Errorf("systemctl stop %s: %w: %s", names[i], err, out)
+			}
+			return nil
+		}))
+	})
 	for i := range names {
 		_ = exec.Command("systemctl", "reset-failed", names[i]).Run()
 		must.NoError(b, nspawn.RemoveRoot(roots[i]))
 	}
-	return started, stopped
+	return took
 }
 
-// startStopAtOnce starts n tasks at once and returns how long until all were READY, then stops
-// and destroys them at once and returns how long until all were gone.
-func startStopAtOnce(b *testing.B, d drivers.DriverPlugin, ready *readiness, toplevel, name string, n int) (time.Duration, time.Duration) {
+// startStopAtOnce starts n tasks at once until all are READY, then stops and destroys them at
+// once until all are gone, and returns what each took.
+func startStopAtOnce(b *testing.B, d drivers.DriverPlugin, ready *readiness, toplevel, name string, n int) startStop {
 	tasks := benchTasks(b, toplevel, name, n)
-	started := startAtOnce(b, d, ready, tasks, time.Minute)
-	return started, stopAtOnce(b, d, tasks)
+	var took startStop
+	took.start = measure(b, func() { startAtOnce(b, d, ready, tasks, time.Minute) })
+	took.stop = measure(b, func() { stopAtOnce(b, d, tasks) })
+	return took
 }
 
 // benchTasks are n tasks of the closure, named name-0 to name-<n-1>.
@@ -273,7 +329,7 @@ func BenchmarkScale(b *testing.B) {
 		ready := followReadiness(b, p)
 		before := inventory(b, p.dataDir)
 		rss0 := vmRSS(b, p.pid)
-		one, _ := startStopAtOnce(b, p, ready, toplevel, fmt.Sprintf("alone%d", i), 1)
+		one := startStopAtOnce(b, p, ready, toplevel, fmt.Sprintf("alone%d", i), 1).start.wall
 
 		tasks := benchTasks(b, toplevel, fmt.Sprintf("scale%d", i), scaleMachines)
 		all := startAtOnce(b, p, ready, tasks, 5*time.Minute)
