@@ -87,6 +87,10 @@ func BenchmarkConcurrency(b *testing.B) {
 // that of systemd (PID 1).
 type spent struct{ wall, busy, pid1 time.Duration }
 
+func (s spent) plus(o spent) spent {
+	return spent{wall: s.wall + o.wall, busy: s.busy + o.busy, pid1: s.pid1 + o.pid1}
+}
+
 // measure runs f and returns what it took.
 func measure(b *testing.B, f func()) spent {
 	busy, pid1 := hostBusy(b), runTime(b, 1)
@@ -116,8 +120,8 @@ func hostBusy(b *testing.B) time.Duration {
 type startStop struct{ start, stop spent }
 
 func (s *startStop) add(o startStop) {
-	s.start = spent{s.start.wall + o.start.wall, s.start.busy + o.start.busy, s.start.pid1 + o.start.pid1}
-	s.stop = spent{s.stop.wall + o.stop.wall, s.stop.busy + o.stop.busy, s.stop.pid1 + o.stop.pid1}
+	s.start = s.start.plus(o.start)
+	s.stop = s.stop.plus(o.stop)
 }
 
 // bareStartStopAtOnce starts n bare machines at once until all are READY, then stops them at once
