@@ -500,6 +500,23 @@ func TestDestroyWithoutState(t *testing.T) {
 	must.SliceEmpty(t, leftovers(t, dataDir, before), must.Sprint(leftovers(t, dataDir, before)))
 }
 
+// A unit of the machine's name that another allocation owns is left alone: the start fails,
+// naming it, and the unit keeps running.
+func TestStartLeavesAnotherAllocationsUnit(t *testing.T) {
+	td := newTestDriver(t, "")
+	cfg := td.newTask(t, "foreign", tinyToplevel(t), nil)
+	unit := nspawn.UnitName(mustMachine(t, cfg))
+	out, err := exec.Command("systemd-run", "--quiet", "--unit="+unit, "-p", "Description=another allocation's machine",
+		"sleep", "600").CombinedOutput()
+	must.NoError(t, err, must.Sprint(string(out)))
+	t.Cleanup(func() { _ = exec.Command("systemctl", "stop", unit).Run() })
+
+	_, _, err = td.StartTask(cfg)
+	must.ErrorContains(t, err, "unit "+unit+" belongs to another allocation")
+	state, _ := exec.Command("systemctl", "is-active", unit).Output()
+	must.EqOp(t, "active\n", string(state))
+}
+
 func TestFingerprint(t *testing.T) {
 	t.Run("healthy", func(t *testing.T) {
 		td := newTestDriver(t, "")

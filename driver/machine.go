@@ -200,17 +200,17 @@ func (m *machine) launch(ctx context.Context, cfg *drivers.TaskConfig, spec *nsp
 // remove deletes everything the machine consists of. It refuses a unit of the machine's name
 // that belongs to another allocation.
 func (m *machine) remove(ctx context.Context) error {
-	st, err := m.mgr.Status(ctx, m.unit())
-	if err != nil {
+	owned := func(st nspawn.UnitStatus) error {
+		if !strings.Contains(st.Description, m.allocID) {
+			return fmt.Errorf("unit %s belongs to another allocation (%q), not touching it", m.unit(), st.Description)
+		}
+		return nil
+	}
+	if err := m.mgr.Remove(ctx, m.unit(), owned); err != nil {
 		return err
 	}
-	if st.Loaded() && !strings.Contains(st.Description, m.allocID) {
-		return fmt.Errorf("unit %s belongs to another allocation (%q), not touching it", m.unit(), st.Description)
-	}
-	for _, u := range []string{m.unit(), m.consoleUnit()} {
-		if err := m.mgr.Remove(ctx, u); err != nil {
-			return err
-		}
+	if err := m.mgr.Remove(ctx, m.consoleUnit(), nil); err != nil {
+		return err
 	}
 	if err := m.mgr.Terminate(m.name); err != nil {
 		return fmt.Errorf("terminating machine %s: %w", m.name, err)

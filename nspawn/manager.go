@@ -349,8 +349,9 @@ func (m *Manager) Kill(ctx context.Context, unit string, all bool, sig syscall.S
 }
 
 // Remove stops the unit if it runs, kills what is left, and unloads it (reset-failed), so its name
-// is free again. It succeeds when there is no such unit.
-func (m *Manager) Remove(ctx context.Context, unit string) error {
+// is free again. It succeeds when there is no such unit. owned, unless nil, sees the status of a
+// loaded unit first and refuses to touch it with an error.
+func (m *Manager) Remove(ctx context.Context, unit string, owned func(UnitStatus) error) error {
 	c, err := m.sd()
 	if err != nil {
 		return err
@@ -361,6 +362,11 @@ func (m *Manager) Remove(ctx context.Context, unit string) error {
 	}
 	if !st.Loaded() {
 		return nil
+	}
+	if owned != nil {
+		if err := owned(st); err != nil {
+			return err
+		}
 	}
 	if st.Running() {
 		// Destroy is not the orderly path (StopTask is): kill at once.
